@@ -101,7 +101,7 @@ class Rule:
             return self.reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: profiles are loaded once and cached
 class Profile:
     id: str
     kind: str

@@ -1,0 +1,215 @@
+"""Loading an ONNX model for checking, defensively.
+
+- The ``.onnx`` file is read once (size-capped) and parsed from bytes; external weight data is never read.
+- External-data ``location`` entries are validated as data: no absolute paths, no ``..``, and the resolved path
+  (symlinks followed) must stay inside the model's folder. A model whose weights live outside is refused.
+- Subgraph nesting (If/Loop/Scan bodies) is capped.
+- Every failure is an :class:`InputError` with a one-line message; callers turn it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; weights beyond this must be external
+MAX_GRAPH_DEPTH = 16  # nested subgraphs (If/Loop/Scan bodies)
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+class InputError(ValueError):
+    """The input cannot be checked (unreadable, not ONNX, unsafe). The message is one line."""
+
+
+@dataclass
+class ExternalRef:
+    tensor: str
+    location: str
+    length: int | None
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path | None
+    sha256: str
+    size: int
+    external: list[ExternalRef] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def display_name(self) -> str:
+        return self.path.name if self.path else "<model>"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:300]
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto | bytes, max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
+    if isinstance(source, onnx.ModelProto):
+        data = source.SerializeToString()
+        model, path = source, None
+    elif isinstance(source, (bytes, bytearray)):
+        data, path = bytes(source), None
+        model = _parse(data, "<bytes>")
+    else:
+        path = Path(source)
+        data = _read_bytes(path, max_bytes)
+        model = _parse(data, str(path))
+    loaded = LoadedModel(model=model, path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    _validate(loaded)
+    return loaded
+
+
+def _read_bytes(path: Path, max_bytes: int) -> bytes:
+    name = str(path)
+    try:
+        if path.is_dir():
+            raise InputError(f"{name}: is a directory, not an ONNX file")
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(f"{name}: empty file")
+        if size > max_bytes:
+            raise InputError(f"{name}: {size} bytes is over the {max_bytes}-byte limit for an ONNX protobuf "
+                             "(store the weights as external data)")
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read: {exc.strerror or _one_line(exc)}") from None
+    if not data:
+        raise InputError(f"{name}: empty file")
+    if len(data) > max_bytes:
+        raise InputError(f"{name}: over the {max_bytes}-byte limit")
+    return data
+
+
+def _parse(data: bytes, name: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{name}: not an ONNX model (protobuf parse failed: {_one_line(exc) or 'truncated'})") from None
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise InputError(f"{name}: not an ONNX model (no graph, IR version or opset import)")
+    return model
+
+
+def _validate(loaded: LoadedModel) -> None:
+    model, name = loaded.model, loaded.display_name
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        raise InputError(f"{name}: no default-domain (ai.onnx) opset import")
+    newest = onnx.defs.onnx_opset_version()
+    if not 1 <= default[0] <= newest:
+        raise InputError(f"{name}: default-domain opset {default[0]} is outside 1..{newest} known to onnx "
+                         f"{onnx.__version__}")
+    base = loaded.path.parent.resolve() if loaded.path else None
+    _walk_initializers(model.graph, loaded, base, depth=0)
+    for fn in model.functions:  # local functions can nest graphs too
+        for node in fn.node:
+            _check_node_subgraphs(node, loaded, base, 1)
+
+
+def _walk_initializers(graph: onnx.GraphProto, loaded: LoadedModel, base: Path | None, depth: int) -> None:
+    if depth > MAX_GRAPH_DEPTH:
+        raise InputError(f"{loaded.display_name}: subgraphs nested deeper than {MAX_GRAPH_DEPTH} levels")
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loaded.external.append(_external_ref(init, loaded, base))
+    for sparse in graph.sparse_initializer:
+        for t in (sparse.values, sparse.indices):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loaded.external.append(_external_ref(t, loaded, base))
+    for node in graph.node:
+        if node.op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx"):
+            _check_node_subgraphs(node, loaded, base, depth + 1)
+
+
+def _check_node_subgraphs(node: onnx.NodeProto, loaded: LoadedModel, base: Path | None, depth: int) -> None:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            _walk_initializers(attr.g, loaded, base, depth)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                _walk_initializers(g, loaded, base, depth)
+
+
+def _external_ref(tensor: onnx.TensorProto, loaded: LoadedModel, base: Path | None) -> ExternalRef:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{loaded.display_name}: initializer {tensor.name!r}"
+    if not location:
+        raise InputError(f"{where} has external data without a location")
+    if "\x00" in location:
+        raise InputError(f"{where}: external-data location contains a NUL byte")
+    pure = Path(location)
+    if pure.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise InputError(f"{where}: external-data location {location!r} is an absolute path (refused)")
+    if ".." in Path(location.replace("\\", "/")).parts:
+        raise InputError(f"{where}: external-data location {location!r} leaves the model folder (refused)")
+    if base is not None:
+        # Resolve symlinks without reading the file: the target must stay under the model's folder.
+        resolved = (base / location).resolve()
+        if resolved != base and base not in resolved.parents:
+            raise InputError(f"{where}: external-data location {location!r} resolves outside the model folder "
+                             "(refused)")
+    length = info.get("length")
+    try:
+        n = int(length) if length is not None else None
+    except ValueError:
+        raise InputError(f"{where}: external-data length {length!r} is not an integer") from None
+    return ExternalRef(tensor=tensor.name, location=location, length=n)
+
+
+def external_data_digests(loaded: LoadedModel) -> list[dict[str, object]]:
+    """sha256 of each external-data file (validated paths only); used for certificates, never for the rules."""
+    if loaded.path is None:
+        return []
+    base = loaded.path.parent
+    out = []
+    for loc in sorted({ref.location for ref in loaded.external}):
+        p = base / loc
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+            out.append({"location": loc, "sha256": h.hexdigest(), "bytes": size})
+        except OSError as exc:
+            out.append({"location": loc, "sha256": None, "error": exc.strerror or "unreadable"})
+    return out
+
+
+def infer_shapes(loaded: LoadedModel, mode: str = "auto") -> None:
+    """Run ONNX shape inference in place when the graph lacks intermediate shapes.
+
+    ``auto`` infers only when the graph records fewer value_info entries than it has nodes (exporters such as
+    torch.onnx dynamo record them all, and inference is the most expensive step on very large graphs).
+    Weights are never needed: initializers with external data still carry their dims.
+    """
+    if mode not in ("auto", "always", "never"):
+        raise InputError(f"shape inference mode {mode!r} is not auto, always or never")
+    g = loaded.model.graph
+    if mode == "never" or (mode == "auto" and len(g.value_info) >= len(g.node)):
+        if mode == "auto":
+            loaded.notes.append("shape inference skipped: the graph already records intermediate shapes")
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(loaded.model, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; the check goes on without shapes
+        loaded.notes.append(f"shape inference failed ({_one_line(exc)[:120]}); shape rules saw recorded shapes only")
+        return
+    loaded.model = inferred

@@ -1,0 +1,408 @@
+"""The predicates behind profile rules.
+
+A rule in a profile names its predicate with ``check = "<name>"``; the other keys of the rule are the predicate's
+parameters. Each predicate returns ``None`` when the rule holds, or a dict of values that fill the rule's reason
+(``{value}``, ``{op}``, ...) when it is broken. There are four kinds:
+
+- op level (``op``, ``op_not_in_matrix``, ``op_outside_scope``, ``custom_op``): resolved once per op type through
+  :meth:`Profile.op_rule`, so the node loop does one dict lookup per node;
+- node (``NODE_CHECKS``): attributes and inputs of one node, run only for the op types the rule names;
+- tensor (``TENSOR_CHECKS``): the element type and dims of one tensor, run once per distinct tensor type;
+- graph (``GRAPH_CHECKS``): once per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import onnx
+
+DTYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
+DTYPE_CODES = dict(onnx.TensorProto.DataType.items())
+# Short names used by the op matrices in the profiles.
+SHORT_DTYPES = {
+    "F32": "FLOAT", "F16": "FLOAT16", "BF16": "BFLOAT16", "I32": "INT32", "I64": "INT64", "I8": "INT8", "U8": "UINT8",
+    "B": "BOOL", "FP8": "FLOAT8E4M3FN", "I4": "INT4",
+}
+_A = onnx.AttributeProto
+
+Dims = tuple  # of int (static), str (symbolic) or None (unknown)
+
+
+def decode_type(tp: onnx.TypeProto) -> tuple[int, Dims | None] | None:
+    """(elem_type, dims) of a tensor type; dims None when the rank is unknown. None for non-tensor types."""
+    if not tp.HasField("tensor_type"):
+        return None
+    tt = tp.tensor_type
+    if not tt.HasField("shape"):
+        return tt.elem_type, None
+    dims = []
+    for d in tt.shape.dim:
+        v = d.dim_value
+        if v > 0 or (v == 0 and d.HasField("dim_value")):
+            dims.append(v)
+        else:
+            dims.append(d.dim_param or None)
+    return tt.elem_type, tuple(dims)
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        t = a.type
+        if t == _A.INT:
+            out[a.name] = a.i
+        elif t == _A.INTS:
+            out[a.name] = list(a.ints)
+        elif t == _A.FLOAT:
+            out[a.name] = a.f
+        elif t == _A.STRING:
+            out[a.name] = a.s.decode("utf-8", "replace")
+        elif t == _A.FLOATS:
+            out[a.name] = list(a.floats)
+        else:
+            out[a.name] = t  # graphs/tensors: presence is enough for the rules here
+    return out
+
+
+class Context:
+    """What node predicates may ask about the graph; every table is built on first use only."""
+
+    def __init__(self, graphs: list[onnx.GraphProto]):
+        self._graphs = graphs
+        self._types: dict[str, onnx.TypeProto] | None = None
+        self._decoded: dict[str, Any] = {}
+        self._inits: dict[str, tuple[int, tuple[int, ...]]] | None = None
+        self.constants: set[str] = set()  # outputs of Constant nodes, filled by the node loop (topological order)
+
+    def _init_table(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        if self._inits is None:
+            self._inits = {t.name: (t.data_type, tuple(t.dims)) for g in self._graphs for t in g.initializer}
+        return self._inits
+
+    def initializer_names(self):
+        return self._init_table().keys()
+
+    def is_const(self, name: str) -> bool:
+        return name in self.constants or name in self._init_table()
+
+    def tensor(self, name: str) -> tuple[int, Dims | None] | None:
+        """(elem_type, dims) of a tensor by name, from initializers, graph I/O and value_info."""
+        if name in self._decoded:
+            return self._decoded[name]
+        init = self._init_table().get(name)
+        if init is not None:
+            self._decoded[name] = init
+            return init
+        if self._types is None:
+            self._types = {}
+            for g in self._graphs:
+                for seq in (g.input, g.output, g.value_info):
+                    for v in seq:
+                        self._types[v.name] = v.type
+        tp = self._types.get(name)
+        out = decode_type(tp) if tp is not None else None
+        self._decoded[name] = out
+        return out
+
+    def dims(self, name: str) -> Dims | None:
+        t = self.tensor(name) if name else None
+        return t[1] if t else None
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _spatial_rank(ctx: Context, node: onnx.NodeProto, attrs: dict[str, Any]) -> int | None:
+    if "kernel_shape" in attrs:
+        return len(attrs["kernel_shape"])
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = ctx.dims(_input(node, 1))
+        if w is not None:
+            return len(w) - 2
+    x = ctx.dims(_input(node, 0))
+    return len(x) - 2 if x is not None else None
+
+
+def _kernel(ctx: Context, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[int] | None:
+    if "kernel_shape" in attrs:
+        return list(attrs["kernel_shape"])
+    w = ctx.dims(_input(node, 1)) if node.op_type in ("Conv", "ConvTranspose") else None
+    if w is not None and all(isinstance(d, int) for d in w[2:]):
+        return list(w[2:])
+    return None
+
+
+# -- node predicates -------------------------------------------------------------------------------------------------
+_ATTR_DEFAULTS = {"strides": 1, "dilations": 1, "pads": 0, "group": 1}
+
+
+def attr_range(ctx: Context, node, attrs, p):
+    name = p["attr"]
+    value = attrs.get(name)
+    if value is None:
+        if name == "kernel_shape":
+            value = _kernel(ctx, node, attrs)
+        elif name in _ATTR_DEFAULTS:
+            value = _ATTR_DEFAULTS[name]
+        if value is None:
+            return None
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if not (p["min"] <= v <= p["max"])]
+    if bad:
+        return {"value": value if isinstance(value, list) else value}
+    return None
+
+
+def attr_in(ctx, node, attrs, p):
+    value = attrs.get(p["attr"], p.get("default"))
+    if value is not None and value not in p["values"]:
+        return {"value": value}
+    return None
+
+
+def spatial_dims(ctx, node, attrs, p):
+    n = _spatial_rank(ctx, node, attrs)
+    if n is not None and n not in p["allowed"]:
+        return {"n": n}
+    return None
+
+
+def pad_lt_kernel(ctx, node, attrs, p):
+    pads = attrs.get("pads")
+    kernel = _kernel(ctx, node, attrs)
+    if not pads or not kernel or len(pads) != 2 * len(kernel):
+        return None
+    k = len(kernel)
+    if any(pads[i] >= kernel[i % k] for i in range(2 * k)):
+        return {"pads": pads, "kernel": kernel}
+    return None
+
+
+def input_const(ctx, node, attrs, p):
+    for i in p["inputs"].get(node.op_type, ()):
+        name = _input(node, i)
+        if name and not ctx.is_const(name):
+            return {"index": i, "input": name}
+    return None
+
+
+def input_absent(ctx, node, attrs, p):
+    name = _input(node, p["index"])
+    if not name:
+        return None
+    dims = ctx.dims(name)
+    if dims is not None and len(dims) == 1 and dims[0] == 0:  # an empty tensor counts as absent
+        return None
+    return {"input": name}
+
+
+def outputs_max(ctx, node, attrs, p):
+    used = sum(1 for o in node.output if o)
+    if used > p["max"]:
+        return {"n": used}
+    return None
+
+
+def inputs_max(ctx, node, attrs, p):
+    n = sum(1 for i in node.input if i)
+    if n > p["max"]:
+        return {"n": n}
+    return None
+
+
+def input_dtype_not(ctx, node, attrs, p):
+    for name in node.input[:2]:
+        t = ctx.tensor(name)
+        if t is not None and DTYPE_NAMES.get(t[0]) in p["dtypes"]:
+            return {"dtype": DTYPE_NAMES[t[0]]}
+    return None
+
+
+def _axis(attrs, p, rank):
+    axis = attrs.get("axis", p.get("default", 1))
+    return axis + rank if axis < 0 else axis
+
+
+def axis_in(ctx, node, attrs, p):
+    dims = ctx.dims(_input(node, 0))
+    if dims is None:
+        return None
+    r = len(dims)
+    axis = _axis(attrs, p, r)
+    want_rank = p.get("rank")
+    allowed = {a + r if a < 0 else a for a in p["axes"]}
+    if (want_rank is not None and r != want_rank) or axis not in allowed:
+        return {"axis": attrs.get("axis", p.get("default", 1)), "r": r}
+    return None
+
+
+def axis_dim_max(ctx, node, attrs, p):
+    dims = ctx.dims(_input(node, 0))
+    if not dims:
+        return None
+    axis = _axis(attrs, p, len(dims))
+    if 0 <= axis < len(dims) and isinstance(dims[axis], int) and dims[axis] > p["max"]:
+        return {"value": dims[axis]}
+    return None
+
+
+def weight_dim_range(ctx, node, attrs, p):
+    dims = ctx.dims(_input(node, p["index"]))
+    if dims is None or len(dims) <= p["dim"] or not isinstance(dims[p["dim"]], int):
+        return None
+    v = dims[p["dim"]]
+    if not p["min"] <= v <= p["max"]:
+        return {"value": v}
+    return None
+
+
+_DLA_RESIZE_OK = {
+    ("nearest", "asymmetric", "floor"),
+    ("nearest", "half_pixel", "round_prefer_floor"),
+    ("nearest", "half_pixel", "round_prefer_ceil"),
+    ("linear", "half_pixel", "*"),
+    ("linear", "pytorch_half_pixel", "*"),
+}
+
+
+def dla_resize(ctx, node, attrs, p):
+    mode = attrs.get("mode", "nearest")
+    if node.op_type == "Upsample":
+        coord, nearest = "asymmetric", "floor"
+    else:
+        coord = attrs.get("coordinate_transformation_mode", "half_pixel")
+        nearest = attrs.get("nearest_mode", "round_prefer_floor")
+    key = (mode, coord, nearest if mode == "nearest" else "*")
+    if key not in _DLA_RESIZE_OK:
+        return {"mode": mode, "coord": coord, "nearest": nearest if mode == "nearest" else "-"}
+    return None
+
+
+NODE_CHECKS: dict[str, Callable] = {
+    "attr_range": attr_range, "attr_in": attr_in, "spatial_dims": spatial_dims, "pad_lt_kernel": pad_lt_kernel,
+    "input_const": input_const, "input_absent": input_absent, "outputs_max": outputs_max, "inputs_max": inputs_max,
+    "input_dtype_not": input_dtype_not, "axis_in": axis_in, "axis_dim_max": axis_dim_max,
+    "weight_dim_range": weight_dim_range, "dla_resize": dla_resize,
+}
+
+
+def node_check_ops(rule) -> list[str]:
+    if rule.check == "input_const":
+        return list(rule.params["inputs"])
+    return list(rule.params.get("ops", ()))
+
+
+# -- tensor predicates (elem, dims) ----------------------------------------------------------------------------------
+def _volume(dims):
+    v = 1
+    for d in dims:
+        v *= d
+    return v
+
+
+def tensor_volume_max(elem, dims, p):
+    if dims and all(isinstance(d, int) for d in dims):
+        v = _volume(dims)
+        if v > p["max"]:
+            return {"volume": v}
+    return None
+
+
+def tensor_rank_max(elem, dims, p):
+    if dims is not None and len(dims) > p["max"]:
+        return {"rank": len(dims)}
+    return None
+
+
+def tensor_dtype(elem, dims, p):
+    name = DTYPE_NAMES.get(elem, str(elem))
+    if elem and name not in p["allowed"]:
+        return {"dtype": name}
+    return None
+
+
+def tensor_static(elem, dims, p):
+    if dims is None:
+        return None  # unknown rank: nothing recorded, nothing to judge
+    bad = [d if d is not None else "?" for d in dims if not isinstance(d, int)]
+    if bad:
+        return {"dims": ", ".join(map(str, bad))}
+    return None
+
+
+def _axes(spec: str, rank: int) -> range | list[int]:
+    if ":" in spec:
+        start = int(spec.split(":")[0] or 0)
+        return range(start + rank if start < 0 else start, rank)
+    i = int(spec)
+    return [i + rank if i < 0 else i]
+
+
+def tensor_dims_max(elem, dims, p):
+    if dims is None or len(dims) < p.get("min_rank", 1):
+        return None
+    for i in _axes(str(p["axes"]), len(dims)):
+        if 0 <= i < len(dims) and isinstance(dims[i], int) and dims[i] > p["max"]:
+            return {"value": dims[i]}
+    return None
+
+
+def tensor_batch_max(elem, dims, p):
+    keep = p.get("keep", 3)
+    if dims is None or len(dims) <= keep:
+        return None
+    lead = dims[: len(dims) - keep]
+    if all(isinstance(d, int) for d in lead) and _volume(lead) > p["max"]:
+        return {"value": _volume(lead)}
+    return None
+
+
+TENSOR_CHECKS: dict[str, Callable] = {
+    "tensor_volume_max": tensor_volume_max, "tensor_rank_max": tensor_rank_max, "tensor_dtype": tensor_dtype,
+    "tensor_static": tensor_static, "tensor_dims_max": tensor_dims_max, "tensor_batch_max": tensor_batch_max,
+}
+# Rules about activations only (weights have other layouts: an OIHW weight is not a batch of 64).
+ACTIVATION_ONLY = frozenset({"tensor_static", "tensor_dims_max", "tensor_batch_max"})
+
+
+# -- graph predicates: yield (tensor or None, values) ----------------------------------------------------------------
+def opset(model: onnx.ModelProto, profile, p):
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not profile.opset_min <= o.version <= profile.opset_max:
+            yield None, {"opset": o.version, "opset_min": profile.opset_min, "opset_max": profile.opset_max}
+
+
+def io_dtype(model: onnx.ModelProto, profile, p):
+    g = model.graph
+    inits = {t.name for t in g.initializer} if g.initializer else set()
+    for role, seq in (("input", g.input), ("output", g.output)):
+        for v in seq:
+            if v.name in inits:
+                continue
+            t = decode_type(v.type)
+            name = DTYPE_NAMES.get(t[0]) if t else None
+            if t and t[0] and name not in p["allowed"]:
+                yield v.name, {"role": role, "tensor": v.name, "dtype": name or t[0]}
+
+
+def graph_float(model: onnx.ModelProto, profile, p):
+    g = model.graph
+    seen = set()
+    for seq in (g.input, g.output):
+        for v in seq:
+            t = decode_type(v.type)
+            if t:
+                seen.add(DTYPE_NAMES.get(t[0]))
+    for t in g.initializer:
+        seen.add(DTYPE_NAMES.get(t.data_type))
+    hits = [d for d in p["dtypes"] if d in seen]
+    if hits:
+        yield None, {"dtype": "/".join(hits)}
+
+
+GRAPH_CHECKS: dict[str, Callable] = {"opset": opset, "io_dtype": io_dtype, "graph_float": graph_float}
+OP_LEVEL = frozenset({"op", "op_not_in_matrix", "op_outside_scope", "custom_op"})
+SPECIAL = frozenset({"op_dtype"})  # handled by the engine (needs the profile's op matrix)
+KNOWN_CHECKS = frozenset(NODE_CHECKS) | frozenset(TENSOR_CHECKS) | frozenset(GRAPH_CHECKS) | OP_LEVEL | SPECIAL
