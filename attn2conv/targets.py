@@ -134,7 +134,8 @@ class Profile:
         """The op-level rule that flags this op type on this target (error or warning), or None if it is legal.
 
         Attribute, dtype and shape constraints are not considered here. Precedence: the most severe matching rule;
-        among equals, an explicit per-op rule before the parser matrix before the scope rule.
+        among equals, an explicit per-op rule first, then the most derived profile's rule (a child's custom-op
+        rule before its parent's).
         """
         key = (op_type, domain)
         cache = self._op_cache  # type: ignore[attr-defined]
@@ -145,7 +146,7 @@ class Profile:
         if explicit is not None:
             candidates.append(explicit)
         custom = domain not in ("", "ai.onnx")
-        for rule in self.rules:
+        for rule in reversed(self.rules):  # rules of the most derived profile come last
             if rule.check == "custom_op" and custom:
                 candidates.append(rule)
             elif rule.check == "op_not_in_matrix" and not custom and op_type not in self.ops:

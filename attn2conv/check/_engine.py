@@ -121,7 +121,7 @@ class _Collector:
             op = node.op_type
             name = node.name or f"<{op} #{order}>"
             module, source = _provenance(node)
-        reason = rule.format_reason(op=op, version=self.profile.version, tensor=tensor or "", **values)
+        reason = rule.format_reason(**{"op": op, "version": self.profile.version, "tensor": tensor or "", **values})
         self.items.append(Finding(rule=rule.id, severity=rule.severity, node=name, op=op, reason=reason, fix=rule.fix,
                                   module=module, source=source, tensor=tensor, order=order))
 

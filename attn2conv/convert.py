@@ -1,0 +1,79 @@
+"""`convert`: capture -> passes (guarded) -> report, and later export -> check -> certificate."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from attn2conv.capture import as_input_tuple, capture, default_example_inputs
+from attn2conv.guard import DEFAULT_RTOL, NumericGuard
+from attn2conv.legality import illegal_ops, op_counts
+from attn2conv.pass_infra import PassContext
+from attn2conv.pipeline import Pipeline
+from attn2conv.report import ConversionReport
+
+
+@dataclass
+class ConversionResult:
+    module: fx.GraphModule  # the rewritten graph, runnable like the original model
+    report: ConversionReport
+    example_inputs: tuple = ()
+    onnx_path: str | None = None
+    check: Any = None  # attn2conv.check.CheckResult on the exported file
+    certified: bool | None = None  # None until exported and checked
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def convert(
+    model: torch.nn.Module,
+    target: str = "trt-safe",
+    example_inputs: Any = None,
+    fidelity: str = "exact",
+    *,
+    pipeline: Pipeline | None = None,
+    rtol: float = DEFAULT_RTOL,
+    options: dict[str, dict[str, Any]] | None = None,
+    calibration: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """Rewrites `model` for `target` ('trt', 'trt-safe', 'dla', a profile id such as 'trt-safe-8.6', or a profile file).
+
+    fidelity='exact' applies only rewrites that keep the numbers; each one is checked against the graph before it on
+    the example input and two random inputs (relative error <= rtol, fp32), and rolled back if it breaks the bound.
+    fidelity='fast' also applies architectural swaps; the report then says the model needs distillation.
+    `pipeline` overrides the preset pass list; `options` gives per-pass options {pass_id: {key: value}}.
+    The user's model is deep-copied by capture and never modified.
+    """
+    from attn2conv.targets import resolve_target
+
+    profile = resolve_target(target)
+    inputs = as_input_tuple(example_inputs) or default_example_inputs(model)
+    say = progress or (lambda stage: None)
+
+    say("capture")
+    start = time.perf_counter()
+    gm = capture(model, inputs)
+    capture_seconds = time.perf_counter() - start
+
+    pipe = pipeline if pipeline is not None else Pipeline.for_target(profile.kind, fidelity)
+    ctx = PassContext(example_inputs=inputs, profile=profile, fidelity=fidelity, options=dict(options or {}),
+                      calibration=calibration)
+    report = ConversionReport(model=gm.meta.get("source_class", type(model).__name__), target=profile.id,
+                              fidelity=fidelity, rtol=rtol, capture_seconds=capture_seconds,
+                              op_counts_before=dict(op_counts(gm)))
+    # torch.export reproduces the model exactly, so the captured graph is the numeric reference for every pass.
+    guard = NumericGuard.for_module(gm, inputs, rtol=rtol)
+    gm, report.passes = pipe.run(gm, ctx, guard, progress=say)
+    report.rel_error = guard.measure(gm)[1]
+    report.op_counts_after = dict(op_counts(gm))
+    report.illegal_ops = [
+        {"op_kind": op.op_kind, "onnx_op": op.onnx_op, "count": op.count, "modules": list(op.modules)}
+        for op in illegal_ops(gm, profile)
+    ]
+    return ConversionResult(module=gm, report=report, example_inputs=inputs)

@@ -1,0 +1,229 @@
+"""Small helpers over torch.fx graphs captured by torch.export: provenance, constants, shapes, op names.
+
+Passes use these so that every node they create keeps the link back to the user's code (`nn_module_stack`,
+`stack_trace`, `torch_fn`), which the report and the exported ONNX use to name `blocks.3.attn`.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+PROVENANCE_KEYS = ("nn_module_stack", "stack_trace", "torch_fn", "from_node")
+
+
+# --- names -----------------------------------------------------------------------------------------------------------
+
+def op_kind(node: fx.Node) -> str:
+    """'aten.linear' for aten.linear.default: the op kind the report and the legality query count."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"{target._qualified_op_name.replace('::', '.')}"
+    return getattr(target, "__name__", str(target))
+
+
+def is_op(node: fx.Node, *kinds: str) -> bool:
+    """True when `node` calls one of `kinds` (short names such as 'linear' or 'aten.linear')."""
+    if node.op != "call_function":
+        return False
+    kind = op_kind(node)
+    short = kind.split(".", 1)[-1]
+    return any(k == kind or k == short for k in kinds)
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost source module of a node ('blocks.0.attn.qkv'), '' for the root module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # torch.export records paths like "L['self'].blocks[0].attn" in some versions, and "blocks.0.attn" in others.
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def where(node: fx.Node) -> str:
+    """'blocks.0.attn.qkv (linear_3)': how findings and pass notes name a node."""
+    path = module_path(node)
+    return f"{path or '<root>'} ({node.name})"
+
+
+# --- shapes and values -----------------------------------------------------------------------------------------------
+
+def val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    v = val(node)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def get_constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node (a parameter, buffer or lifted constant); None for anything computed."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _getattr_path(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _getattr_path(obj: Any, target: str) -> Any:
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Recompute node.meta['val'] for every node by running the graph on fake copies of the inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in _flat_inputs(example_inputs)]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def _flat_inputs(example_inputs: tuple) -> list:
+    flat, _ = torch.utils._pytree.tree_flatten(example_inputs)
+    return flat
+
+
+# --- building nodes --------------------------------------------------------------------------------------------------
+
+def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
+    for key in PROVENANCE_KEYS:
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
+
+
+class Builder:
+    """Creates nodes before `anchor`, each carrying the anchor's provenance.
+
+    >>> b = Builder(gm, anchor=linear_node)
+    >>> y = b.call(aten.conv2d.default, x, w)
+    """
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node):
+        self.gm, self.anchor = gm, anchor
+        self.created: list[fx.Node] = []
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_function(target, args, kwargs)
+        copy_provenance(self.anchor, node)
+        self.created.append(node)
+        return node
+
+    def constant(self, tensor: torch.Tensor, name: str, trainable: bool = False) -> fx.Node:
+        """Registers `tensor` under the anchor's module path (e.g. 'blocks.0.attn.qkv.conv_weight') and reads it."""
+        qualname = add_tensor(self.gm, module_path(self.anchor), name, tensor, trainable)
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.get_attr(qualname)
+        copy_provenance(self.anchor, node)
+        node.meta["val"] = tensor
+        self.created.append(node)
+        return node
+
+
+def add_tensor(gm: fx.GraphModule, module: str, name: str, tensor: torch.Tensor, trainable: bool = False) -> str:
+    """Registers a parameter (trainable) or buffer on `gm` at `module.name`, making the name unique; returns it."""
+    owner = gm
+    for atom in [a for a in module.split(".") if a]:
+        if not hasattr(owner, atom) or not isinstance(getattr(owner, atom), torch.nn.Module):
+            owner.add_module(atom, torch.nn.Module())
+        owner = getattr(owner, atom)
+    base, i = name, 1
+    while hasattr(owner, name):
+        i += 1
+        name = f"{base}_{i}"
+    tensor = tensor.detach().contiguous()
+    if trainable and tensor.is_floating_point():
+        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=True))
+    else:
+        owner.register_buffer(name, tensor)
+    return f"{module}.{name}" if module else name
+
+
+def replace_uses(old: fx.Node, new: fx.Node) -> None:
+    """Points every user of `old` at `new`; `new` inherits provenance it lacks."""
+    copy_provenance(old, new)
+    old.replace_all_uses_with(new)
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def getitem_users(node: fx.Node, index: int) -> list[fx.Node]:
+    import operator
+
+    return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+
+
+# --- clean-up --------------------------------------------------------------------------------------------------------
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, removal of tensors no node reads any more, lint and recompile."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            if attr in owner._parameters:
+                del owner._parameters[attr]
+            elif attr in owner._buffers:
+                del owner._buffers[attr]
+    gm.graph.lint()
+    gm.recompile()
+
+
+def compute_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    """call_function nodes that depend on a graph input (nodes of constants only are folded at export)."""
+    live: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            live.add(node)
+        elif node.op in ("call_function", "call_module", "call_method"):
+            if any(a in live for a in node.all_input_nodes):
+                live.add(node)
+                if node.op == "call_function":
+                    yield node
+
+
+@contextlib.contextmanager
+def no_grad_eval() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+def flat_tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def nodes_of(gm: fx.GraphModule, *kinds: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if is_op(n, *kinds)]
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument of a call node, with the op schema's default when absent."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def all_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return {i for n in nodes for i in n.all_input_nodes}

@@ -1,0 +1,116 @@
+"""FX-level legality: which ops of a captured graph the target profile would reject after export.
+
+Each ATen op kind maps to the ONNX op types torch.onnx's exporter emits for it; the verifier's profile data
+(attn2conv.targets) says which ONNX ops the target accepts. Nodes that depend only on constants are skipped: export
+folds them. Shape-only ops with no ONNX node of their own (getitem, sym sizes) map to nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from attn2conv.graph import arg, compute_nodes, module_path, op_kind
+
+# ATen op kind -> ONNX op types the exporter produces for it. Ops whose ONNX form depends on arguments are handled in
+# onnx_ops_for().
+ATEN_TO_ONNX: dict[str, tuple[str, ...]] = {
+    "aten.conv1d": ("Conv",), "aten.conv2d": ("Conv",), "aten.conv3d": ("Conv",), "aten.convolution": ("Conv",),
+    "aten.conv_transpose2d": ("ConvTranspose",),
+    "aten.linear": ("MatMul", "Add"), "aten.matmul": ("MatMul",), "aten.mm": ("MatMul",), "aten.bmm": ("MatMul",),
+    "aten.addmm": ("Gemm",), "aten.baddbmm": ("MatMul", "Add"), "aten.einsum": ("Einsum",),
+    "aten.scaled_dot_product_attention": ("MatMul", "Softmax"),
+    "aten.layer_norm": ("LayerNormalization",), "aten.native_layer_norm": ("LayerNormalization",),
+    "aten.group_norm": ("GroupNormalization",), "aten.native_group_norm": ("GroupNormalization",),
+    "aten.instance_norm": ("InstanceNormalization",),
+    "aten.batch_norm": ("BatchNormalization",), "aten._native_batch_norm_legit_no_training": ("BatchNormalization",),
+    "aten.softmax": ("Softmax",), "aten._softmax": ("Softmax",), "aten.log_softmax": ("LogSoftmax",),
+    "aten._log_softmax": ("LogSoftmax",),
+    "aten.relu": ("Relu",), "aten.relu6": ("Clip",), "aten.sigmoid": ("Sigmoid",), "aten.tanh": ("Tanh",),
+    "aten.silu": ("Sigmoid", "Mul"), "aten.hardswish": ("HardSwish",), "aten.hardsigmoid": ("HardSigmoid",),
+    "aten.leaky_relu": ("LeakyRelu",), "aten.elu": ("Elu",), "aten.mish": ("Mish",), "aten.softplus": ("Softplus",),
+    "aten.prelu": ("PRelu",), "aten.hardtanh": ("Clip",), "aten.clamp": ("Clip",), "aten.clamp_min": ("Max",),
+    "aten.clamp_max": ("Min",), "aten.clip": ("Clip",),
+    "aten.add": ("Add",), "aten.sub": ("Sub",), "aten.rsub": ("Sub",), "aten.mul": ("Mul",), "aten.div": ("Div",),
+    "aten.neg": ("Neg",), "aten.abs": ("Abs",), "aten.exp": ("Exp",), "aten.log": ("Log",), "aten.sqrt": ("Sqrt",),
+    "aten.rsqrt": ("Sqrt", "Reciprocal"), "aten.reciprocal": ("Reciprocal",), "aten.pow": ("Pow",),
+    "aten.erf": ("Erf",), "aten.sin": ("Sin",), "aten.cos": ("Cos",), "aten.maximum": ("Max",),
+    "aten.minimum": ("Min",), "aten.floor": ("Floor",), "aten.ceil": ("Ceil",), "aten.round": ("Round",),
+    "aten.sign": ("Sign",), "aten.where": ("Where",), "aten.masked_fill": ("Where",),
+    "aten.eq": ("Equal",), "aten.ne": ("Equal", "Not"), "aten.lt": ("Less",), "aten.gt": ("Greater",),
+    "aten.le": ("LessOrEqual",), "aten.ge": ("GreaterOrEqual",), "aten.logical_and": ("And",),
+    "aten.logical_or": ("Or",), "aten.logical_not": ("Not",),
+    "aten.mean": ("ReduceMean",), "aten.sum": ("ReduceSum",), "aten.amax": ("ReduceMax",),
+    "aten.amin": ("ReduceMin",), "aten.max": ("ReduceMax",), "aten.min": ("ReduceMin",), "aten.var": ("ReduceMean",),
+    "aten.std": ("ReduceMean", "Sqrt"), "aten.argmax": ("ArgMax",), "aten.topk": ("TopK",),
+    "aten.cumsum": ("CumSum",), "aten.norm": ("ReduceL2",), "aten.linalg_vector_norm": ("ReduceL2",),
+    "aten.max_pool2d": ("MaxPool",), "aten.max_pool2d_with_indices": ("MaxPool",), "aten.avg_pool2d": ("AveragePool",),
+    "aten.avg_pool1d": ("AveragePool",), "aten.max_pool1d": ("MaxPool",),
+    "aten.upsample_nearest2d": ("Resize",), "aten.upsample_bilinear2d": ("Resize",),
+    "aten.upsample_bicubic2d": ("Resize",), "aten._upsample_bilinear2d_aa": ("Resize",),
+    "aten.pixel_shuffle": ("DepthToSpace",), "aten.pixel_unshuffle": ("SpaceToDepth",),
+    "aten.view": ("Reshape",), "aten.reshape": ("Reshape",), "aten._unsafe_view": ("Reshape",),
+    "aten.flatten": ("Reshape",), "aten.unflatten": ("Reshape",), "aten.squeeze": ("Squeeze",),
+    "aten.unsqueeze": ("Unsqueeze",), "aten.permute": ("Transpose",), "aten.transpose": ("Transpose",),
+    "aten.t": ("Transpose",), "aten.expand": ("Expand",), "aten.repeat": ("Tile",), "aten.cat": ("Concat",),
+    "aten.stack": ("Unsqueeze", "Concat"), "aten.slice": ("Slice",), "aten.narrow": ("Slice",),
+    "aten.split": ("Split",), "aten.split_with_sizes": ("Split",), "aten.chunk": ("Split",),
+    "aten.unbind": ("Split", "Squeeze"), "aten.select": ("Gather",), "aten.index": ("Gather",),
+    "aten.index_select": ("Gather",), "aten.gather": ("GatherElements",), "aten.embedding": ("Gather",),
+    "aten.roll": ("Slice", "Concat"), "aten.im2col": ("Im2Col",), "aten.col2im": ("Col2Im",),
+    "aten.pad": ("Pad",), "aten.constant_pad_nd": ("Pad",), "aten.reflection_pad2d": ("Pad",),
+    "aten.arange": ("Range",), "aten.scatter": ("ScatterElements",), "aten.index_put": ("ScatterND",),
+    "aten._to_copy": ("Cast",), "aten.to": ("Cast",), "aten.type_as": ("Cast",),
+    "aten.adaptive_avg_pool1d": ("ReduceMean",),
+    # Ops that export to nothing (aliases, no-ops in eval mode).
+    "aten.clone": (), "aten.alias": (), "aten.detach": (), "aten.contiguous": (), "aten.dropout": (),
+    "aten.lift_fresh_copy": (), "aten.copy": (), "aten.sym_size": (), "_operator.getitem": (), "getitem": (),
+}
+
+
+def onnx_ops_for(node: fx.Node) -> tuple[str, ...] | None:
+    """ONNX op types `node` becomes after export; None when the op kind is not in the table."""
+    kind = op_kind(node)
+    if kind == "aten.gelu":
+        return ("Tanh", "Mul", "Add", "Pow") if arg(node, 1, "approximate", "none") == "tanh" else ("Erf",)
+    if kind == "aten.adaptive_avg_pool2d":
+        return ("GlobalAveragePool",) if tuple(arg(node, 1, "output_size")) == (1, 1) else ("AveragePool",)
+    if kind == "aten.linear":
+        x = node.args[0]
+        rank = len(x.meta["val"].shape) if isinstance(x, fx.Node) and "val" in x.meta else 3
+        return ("Gemm",) if rank == 2 else ATEN_TO_ONNX[kind]
+    return ATEN_TO_ONNX.get(kind)
+
+
+@dataclass(frozen=True)
+class IllegalOp:
+    op_kind: str
+    onnx_op: str
+    count: int
+    modules: tuple[str, ...]  # up to a few source modules, for the report
+
+
+def illegal_ops(gm: fx.GraphModule, profile) -> list[IllegalOp]:
+    """Op kinds left in `gm` that `profile` does not accept, with the ONNX op that would be rejected.
+
+    Unmapped op kinds are listed with onnx_op '?' so they are never silently passed.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], list[str]] = {}
+    for node in compute_nodes(gm):
+        onnx_ops = onnx_ops_for(node)
+        bad = ["?"] if onnx_ops is None else [op for op in onnx_ops if not profile.op_allowed(op)]
+        for op in bad:
+            key = (op_kind(node), op)
+            counts[key] += 1
+            where.setdefault(key, [])
+            path = module_path(node) or "<root>"
+            if path not in where[key] and len(where[key]) < 3:
+                where[key].append(path)
+    return [IllegalOp(kind, op, n, tuple(where[(kind, op)])) for (kind, op), n in sorted(counts.items())]
+
+
+def op_counts(gm: fx.GraphModule) -> Counter[str]:
+    """Counts of op kinds over nodes that depend on the input."""
+    return Counter(op_kind(n) for n in compute_nodes(gm))

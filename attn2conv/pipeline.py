@@ -1,0 +1,173 @@
+"""Named, editable pass pipelines, and the runner that guards every exact pass numerically.
+
+    pipe = Pipeline.for_target("trt-safe", fidelity="exact")
+    pipe.remove("fold_reparam").insert("my_pass", after="linear_to_conv")
+    gm, records = pipe.run(gm, ctx)
+
+Each step: snapshot the module, run the pass, recompile, re-infer shapes, compare outputs with the previous graph.
+An exact pass whose relative error exceeds the bound, or any pass that raises, is rolled back to the snapshot and
+recorded as such; the pipeline goes on with the next pass.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Iterable, Union
+
+import torch.fx as fx
+
+from attn2conv.errors import PipelineError
+from attn2conv.graph import cleanup, refresh_shapes
+from attn2conv.guard import NumericGuard
+from attn2conv.pass_infra import GraphPass, PassContext, PassResult, get_pass
+from attn2conv.report import PassRecord
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PassLike = Union[str, GraphPass, type]
+FIDELITIES = ("exact", "fast")
+
+
+def _load_presets() -> dict:
+    from importlib.resources import files
+
+    return tomllib.loads(files("attn2conv").joinpath("presets.toml").read_text())
+
+
+def _instantiate(p: PassLike) -> GraphPass:
+    if isinstance(p, GraphPass):
+        return p
+    if isinstance(p, type) and issubclass(p, GraphPass):
+        return p()
+    if isinstance(p, str):
+        return get_pass(p)()
+    raise PipelineError(f"a pipeline step must be a pass id, a GraphPass or its class, got {p!r}")
+
+
+class Pipeline:
+    def __init__(self, passes: Iterable[PassLike] = (), name: str = "custom"):
+        self.name = name
+        self.passes: list[GraphPass] = [_instantiate(p) for p in passes]
+
+    @classmethod
+    def for_target(cls, target_kind: str, fidelity: str = "exact") -> "Pipeline":
+        if fidelity not in FIDELITIES:
+            raise PipelineError(f"unknown fidelity {fidelity!r}; use one of {', '.join(FIDELITIES)}")
+        presets = _load_presets()[fidelity]
+        if target_kind not in presets:
+            raise PipelineError(f"no {fidelity} pipeline for target kind {target_kind!r}; known: {', '.join(presets)}")
+        return cls(presets[target_kind], name=f"{target_kind}/{fidelity}")
+
+    # --- editing -----------------------------------------------------------------------------------------------------
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.passes]
+
+    def _index(self, pass_id: str) -> int:
+        try:
+            return self.ids.index(pass_id)
+        except ValueError:
+            raise PipelineError(f"pass {pass_id!r} is not in pipeline {self.name} ({', '.join(self.ids)})") from None
+
+    def remove(self, pass_id: str) -> "Pipeline":
+        del self.passes[self._index(pass_id)]
+        return self
+
+    def insert(self, p: PassLike, index: int | None = None, *, before: str | None = None,
+               after: str | None = None) -> "Pipeline":
+        if sum(x is not None for x in (index, before, after)) > 1:
+            raise PipelineError("insert takes one of index, before=, after=")
+        if before is not None:
+            index = self._index(before)
+        elif after is not None:
+            index = self._index(after) + 1
+        elif index is None:
+            index = len(self.passes)
+        self.passes.insert(index, _instantiate(p))
+        return self
+
+    def append(self, p: PassLike) -> "Pipeline":
+        return self.insert(p)
+
+    def replace(self, pass_id: str, p: PassLike) -> "Pipeline":
+        self.passes[self._index(pass_id)] = _instantiate(p)
+        return self
+
+    def move(self, pass_id: str, index: int) -> "Pipeline":
+        self.passes.insert(index, self.passes.pop(self._index(pass_id)))
+        return self
+
+    def copy(self) -> "Pipeline":
+        new = Pipeline(name=self.name)
+        new.passes = list(self.passes)
+        return new
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name}: {' -> '.join(self.ids)})"
+
+    # --- running -----------------------------------------------------------------------------------------------------
+    def run(self, gm: fx.GraphModule, ctx: PassContext, guard: NumericGuard | None = None,
+            progress=None) -> tuple[fx.GraphModule, list[PassRecord]]:
+        """Runs every pass in order on `gm`; returns the final module (possibly a rolled-back copy) and records."""
+        records = []
+        for p in self.passes:
+            if progress is not None:
+                progress(p.id)
+            gm, record = run_pass(p, gm, ctx, guard)
+            records.append(record)
+        return gm, records
+
+
+def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext,
+             guard: NumericGuard | None) -> tuple[fx.GraphModule, PassRecord]:
+    snapshot = copy.deepcopy(gm)
+    start = time.perf_counter()
+    record = PassRecord(p.id, p.exact, "applied")
+    try:
+        result = p.run(gm, ctx)
+        if not isinstance(result, PassResult):
+            raise PipelineError(f"pass {p.id} returned {type(result).__name__}, not PassResult")
+        record.rewrites, record.notes, record.misses = result.rewrites, list(result.notes), list(result.misses)
+        if not result.changed:
+            record.status = "no change"
+            record.seconds = time.perf_counter() - start
+            return snapshot if _graph_touched(gm, snapshot) else gm, record
+        cleanup(gm)
+        refresh_shapes(gm, ctx.example_inputs)
+    except Exception as exc:  # a broken pass must not break the conversion
+        record.status = "failed"
+        record.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        record.seconds = time.perf_counter() - start
+        return snapshot, record
+    if guard is not None:
+        try:
+            step, total, outs = guard.measure(gm)
+        except Exception as exc:
+            record.status = "failed"
+            record.notes.append(f"rewritten graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
+            record.seconds = time.perf_counter() - start
+            return snapshot, record
+        record.rel_error, record.rel_error_total = step, total
+        if p.exact and not step <= guard.rtol:
+            record.status = "rolled back"
+            record.notes.append(f"relative error {step:.2e} exceeds the bound {guard.rtol:g}; graph restored")
+            record.seconds = time.perf_counter() - start
+            return snapshot, record
+        guard.accept(outs)
+    record.seconds = time.perf_counter() - start
+    return gm, record
+
+
+def _graph_touched(gm: fx.GraphModule, snapshot: fx.GraphModule) -> bool:
+    # A pass that says "no change" but edited nodes anyway gets rolled back to keep the contract honest.
+    return len(gm.graph.nodes) != len(snapshot.graph.nodes)
