@@ -1,0 +1,70 @@
+"""linear_to_conv (exact): every Linear on tokens becomes a 1x1 convolution in channels-first layout.
+
+    x (B, N, C) --permute(0,2,1)--> (B, C, N) --unsqueeze(2)--> (B, C, 1, N) --conv1x1(W[:, :, None, None], b)-->
+      (B, C', 1, N) --squeeze(2)--> (B, C', N) --permute(0,2,1)--> (B, N, C')
+
+(B, C) inputs (class token, pooled features) are viewed as (B, C, 1, 1): a class token needs no spatial grid.
+(B, H, W, C) inputs (ConvNeXt-style channels-last MLPs) are permuted to (B, C, H, W) and back. Higher ranks fold the
+middle dims into N. The permutes around consecutive linears are inverse pairs that the layout clean-up can cancel.
+The conv weight is the Linear weight viewed as (C', C, 1, 1), registered under the Linear's module path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape, where, nodes_of
+from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
+
+
+@register
+class LinearToConv(GraphPass):
+    id = "linear_to_conv"
+    exact = True
+    removes = ("aten.linear",)
+    introduces = ("aten.conv2d", "aten.permute", "aten.reshape")
+    summary = "Linear -> 1x1 Conv in (B, C, 1, N) layout"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        for node in nodes_of(gm, "aten.linear"):
+            reason = self._rewrite(gm, node)
+            if reason:
+                result.misses.append(f"{where(node)}: {reason}")
+            else:
+                result.rewrites += 1
+        result.changed = result.rewrites > 0
+        return result
+
+    def _rewrite(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        x, w_node = node.args[0], node.args[1]
+        b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        xs = shape(x)
+        if xs is None or len(xs) < 2:
+            return "input rank is unknown or below 2"
+        w = get_constant(gm, w_node)
+        c_out, c_in = (w.shape if w is not None else shape(w_node))
+        b = Builder(gm, node)
+        weight = b.constant(w.reshape(c_out, c_in, 1, 1), "conv_weight", trainable=True) if w is not None else \
+            b.call(aten.reshape.default, w_node, [c_out, c_in, 1, 1])
+        rank = len(xs)
+        if rank == 2:  # (B, C) -> (B, C, 1, 1)
+            x4 = b.call(aten.reshape.default, x, [xs[0], c_in, 1, 1])
+            y4 = b.call(aten.conv2d.default, x4, weight, b_node)
+            y = b.call(aten.reshape.default, y4, [xs[0], c_out])
+        elif rank == 4:  # (B, H, W, C) -> (B, C, H, W)
+            x4 = b.call(aten.permute.default, x, [0, 3, 1, 2])
+            y4 = b.call(aten.conv2d.default, x4, weight, b_node)
+            y = b.call(aten.permute.default, y4, [0, 2, 3, 1])
+        else:  # (B, N..., C) -> (B, C, 1, N)
+            n = math.prod(xs[1:-1])
+            x3 = x if rank == 3 else b.call(aten.reshape.default, x, [xs[0], n, c_in])
+            x4 = b.call(aten.reshape.default, b.call(aten.permute.default, x3, [0, 2, 1]), [xs[0], c_in, 1, n])
+            y4 = b.call(aten.conv2d.default, x4, weight, b_node)
+            y = b.call(aten.permute.default, b.call(aten.reshape.default, y4, [xs[0], c_out, n]), [0, 2, 1])
+            if rank != 3:
+                y = b.call(aten.reshape.default, y, [*xs[:-1], c_out])
+        replace_uses(node, y)
+        gm.graph.erase_node(node)
+        return None
