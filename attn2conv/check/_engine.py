@@ -212,11 +212,15 @@ def run_rules(model: onnx.ModelProto, profile: Profile) -> list[Finding]:
             if op_rule is not None:
                 out.add(op_rule, node, {"domain": node.domain}, order)
             if checks:
-                attrs = R.node_attrs(node)
-                for rule, fn in checks:
-                    values = fn(ctx, node, attrs, rule.params)
-                    if values is not None:
-                        out.add(rule, node, values, order)
+                try:
+                    attrs = R.node_attrs(node)
+                    for rule, fn in checks:
+                        values = fn(ctx, node, attrs, rule.params)
+                        if values is not None:
+                            out.add(rule, node, values, order)
+                except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
+                    msg = " ".join(str(exc).split())[:160]
+                    raise InputError(f"node {node.name or order} ({op}) is malformed: {msg}") from None
             if wants_dtype and node.input:
                 code = odd_dtype.get(node.input[0])
                 if code is not None:

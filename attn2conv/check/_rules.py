@@ -46,10 +46,25 @@ def decode_type(tp: onnx.TypeProto) -> tuple[int, Dims | None] | None:
     return tt.elem_type, tuple(dims)
 
 
+# Attribute types the predicates rely on; a node that breaks them is malformed ONNX (an input error).
+_EXPECTED_ATTR = {
+    "kernel_shape": _A.INTS, "strides": _A.INTS, "pads": _A.INTS, "dilations": _A.INTS, "group": _A.INT,
+    "axis": _A.INT, "training_mode": _A.INT, "mode": _A.STRING, "coordinate_transformation_mode": _A.STRING,
+    "nearest_mode": _A.STRING,
+}
+
+
+class MalformedNode(ValueError):
+    pass
+
+
 def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in node.attribute:
         t = a.type
+        want = _EXPECTED_ATTR.get(a.name)
+        if want is not None and t != want:
+            raise MalformedNode(f"attribute {a.name!r} has type {_A.AttributeType.Name(t) if t in _A.AttributeType.values() else t}, expected {_A.AttributeType.Name(want)}")
         if t == _A.INT:
             out[a.name] = a.i
         elif t == _A.INTS:
