@@ -1,0 +1,48 @@
+"""attn2conv: rewrite vision-transformer attention into convolutions and certify the ONNX for TensorRT targets.
+
+    import attn2conv
+    result = attn2conv.convert(model, target="trt-safe")      # exact: same numbers, checked after every pass
+    print(result.report)
+
+    attn2conv.check("model.onnx", target="dla")              # the ONNX verifier, usable without torch
+
+Names are imported lazily so that `attn2conv-check` and `attn2conv.check` never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "capture": "attn2conv.capture",
+    "default_example_inputs": "attn2conv.capture",
+    "convert": "attn2conv.convert",
+    "ConversionResult": "attn2conv.convert",
+    "Pipeline": "attn2conv.pipeline",
+    "GraphPass": "attn2conv.pass_infra",
+    "PassResult": "attn2conv.pass_infra",
+    "PassContext": "attn2conv.pass_infra",
+    "register": "attn2conv.pass_infra",
+    "all_passes": "attn2conv.pass_infra",
+    "ConversionReport": "attn2conv.report",
+    "check": "attn2conv.check",
+    "CheckResult": "attn2conv.check",
+    "resolve_target": "attn2conv.targets",
+    "list_targets": "attn2conv.targets",
+    "Attn2ConvError": "attn2conv.errors",
+    "CaptureError": "attn2conv.errors",
+    "PipelineError": "attn2conv.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        # attn2conv.check is both a subpackage and the function it exports.
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attn2conv' has no attribute {name!r}")

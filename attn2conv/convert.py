@@ -1,6 +1,7 @@
 """`convert`: capture -> passes (guarded) -> report, and later export -> check -> certificate."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,8 +73,5 @@ def convert(
     gm, report.passes = pipe.run(gm, ctx, guard, progress=say)
     report.rel_error = guard.measure(gm)[1]
     report.op_counts_after = dict(op_counts(gm))
-    report.illegal_ops = [
-        {"op_kind": op.op_kind, "onnx_op": op.onnx_op, "count": op.count, "modules": list(op.modules)}
-        for op in illegal_ops(gm, profile)
-    ]
+    report.illegal_ops = [dataclasses.asdict(op) for op in illegal_ops(gm, profile)]
     return ConversionResult(module=gm, report=report, example_inputs=inputs)

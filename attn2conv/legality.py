@@ -89,12 +89,15 @@ class IllegalOp:
     onnx_op: str
     count: int
     modules: tuple[str, ...]  # up to a few source modules, for the report
+    severity: str = "error"  # the profile rule's severity: error = known unsupported, warning = undocumented
+    rule: str = ""  # the profile rule id, or "" for op kinds with no known ONNX mapping
+    fix: str = ""
 
 
 def illegal_ops(gm: fx.GraphModule, profile) -> list[IllegalOp]:
-    """Op kinds left in `gm` that `profile` does not accept, with the ONNX op that would be rejected.
+    """Op kinds left in `gm` that a rule of `profile` flags (error or warning), with the ONNX op it flags.
 
-    Unmapped op kinds are listed with onnx_op '?' so they are never silently passed.
+    Unmapped op kinds are listed with onnx_op '?' and severity 'warning' so they are never silently passed.
     """
     counts: Counter[tuple[str, str]] = Counter()
     where: dict[tuple[str, str], list[str]] = {}
@@ -108,7 +111,12 @@ def illegal_ops(gm: fx.GraphModule, profile) -> list[IllegalOp]:
             path = module_path(node) or "<root>"
             if path not in where[key] and len(where[key]) < 3:
                 where[key].append(path)
-    return [IllegalOp(kind, op, n, tuple(where[(kind, op)])) for (kind, op), n in sorted(counts.items())]
+    found = []
+    for (kind, op), n in sorted(counts.items()):
+        rule = profile.op_rule(op) if op != "?" else None
+        found.append(IllegalOp(kind, op, n, tuple(where[(kind, op)]), rule.severity if rule else "warning",
+                               rule.id if rule else "", rule.fix if rule else "add this op kind to the mapping"))
+    return found
 
 
 def op_counts(gm: fx.GraphModule) -> Counter[str]:

@@ -44,7 +44,8 @@ class ConversionReport:
 
     @property
     def legal(self) -> bool:
-        return not self.illegal_ops
+        """No op left that the target is known to reject (warnings = undocumented ops do not count)."""
+        return not any(op["severity"] == "error" for op in self.illegal_ops)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,20 +68,23 @@ class ConversionReport:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         for p in self.passes:
-            for note in p.notes:
+            for note in p.notes[:5]:
                 lines.append(f"  note [{p.id}] {note}")
+            if len(p.notes) > 5:
+                lines.append(f"  note [{p.id}] ... and {len(p.notes) - 5} more")
             for miss in p.misses[:5]:
                 lines.append(f"  skip [{p.id}] {miss}")
             if len(p.misses) > 5:
                 lines.append(f"  skip [{p.id}] ... and {len(p.misses) - 5} more")
         lines.append(f"relative error vs original: {_err(self.rel_error)}")
         if self.illegal_ops:
-            lines.append(f"ops the target {self.target} still rejects:")
+            lines.append(f"ops left that {self.target} flags (error = known unsupported, warning = undocumented):")
             for op in self.illegal_ops:
                 mods = ", ".join(op["modules"])
-                lines.append(f"  {op['op_kind']:<36} -> {op['onnx_op']:<20} x{op['count']:<4} e.g. {mods}")
-        else:
-            lines.append(f"no op left that {self.target} rejects")
+                lines.append(f"  {op['severity']:<7} {op['op_kind']:<34} -> {op['onnx_op']:<18} x{op['count']:<4} "
+                             f"e.g. {mods}  [fix: {op['fix']}]")
+        if self.legal:
+            lines.append(f"no op left that {self.target} is known to reject")
         if self.needs_distillation:
             lines.append("architectural passes applied: the model needs distillation (attn2conv.distill)")
         for key, value in self.extra.items():
