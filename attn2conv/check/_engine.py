@@ -260,10 +260,13 @@ class CheckResult:
     profile: Profile
     findings: list[Finding]
     model_name: str
-    model_sha256: str
     fail_on: str = "error"
     notes: list[str] = field(default_factory=list)
     loaded: LoadedModel | None = field(default=None, repr=False)
+
+    @property
+    def model_sha256(self) -> str:
+        return self.loaded.sha256 if self.loaded is not None else ""
 
     @property
     def failing(self) -> list[Finding]:
@@ -328,5 +331,5 @@ def check(model: str | Path | onnx.ModelProto | bytes, target: str | Path | Prof
             raise InputError(f"{loaded.display_name}: cannot inline local functions: {exc}".splitlines()[0]) from None
     infer_shapes(loaded, shape_inference)
     findings = run_rules(loaded.model, profile)
-    return CheckResult(profile=profile, findings=findings, model_name=loaded.display_name,
-                       model_sha256=loaded.sha256, fail_on=fail_on, notes=loaded.notes, loaded=loaded)
+    return CheckResult(profile=profile, findings=findings, model_name=loaded.display_name, fail_on=fail_on,
+                       notes=loaded.notes, loaded=loaded)

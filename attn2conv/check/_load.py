@@ -37,10 +37,19 @@ class ExternalRef:
 class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
-    sha256: str
-    size: int
+    data: bytes | onnx.ModelProto = field(repr=False)  # exactly what was checked (hashed on demand)
+    size: int = 0
     external: list[ExternalRef] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the checked bytes; computed on first use (a 300 MB model costs ~0.3 s to hash)."""
+        if self._sha256 is None:
+            data = self.data.SerializeToString() if isinstance(self.data, onnx.ModelProto) else self.data
+            self._sha256 = hashlib.sha256(data).hexdigest()
+        return self._sha256
 
     @property
     def display_name(self) -> str:
@@ -53,8 +62,7 @@ def _one_line(text: object) -> str:
 
 def read_model(source: str | os.PathLike | onnx.ModelProto | bytes, max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
     if isinstance(source, onnx.ModelProto):
-        data = source.SerializeToString()
-        model, path = source, None
+        data, model, path = source, source, None
     elif isinstance(source, (bytes, bytearray)):
         data, path = bytes(source), None
         model = _parse(data, "<bytes>")
@@ -62,7 +70,8 @@ def read_model(source: str | os.PathLike | onnx.ModelProto | bytes, max_bytes: i
         path = Path(source)
         data = _read_bytes(path, max_bytes)
         model = _parse(data, str(path))
-    loaded = LoadedModel(model=model, path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    size = source.ByteSize() if isinstance(source, onnx.ModelProto) else len(data)
+    loaded = LoadedModel(model=model, path=path, data=data, size=size)
     _validate(loaded)
     return loaded
 
