@@ -140,10 +140,10 @@ def _graphs(graph: onnx.GraphProto, depth: int = 0) -> list[onnx.GraphProto]:
     return out
 
 
-def run_rules(model: onnx.ModelProto, profile: Profile) -> list[Finding]:
+def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = True) -> list[Finding]:
     comp = _compile(profile)
     out = _Collector(profile)
-    graphs = _graphs(model.graph)
+    graphs = _graphs(model.graph) if has_subgraphs else [model.graph]
     ctx = R.Context(graphs)
 
     for rule, fn in comp.graph_rules:
@@ -330,6 +330,6 @@ def check(model: str | Path | onnx.ModelProto | bytes, target: str | Path | Prof
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{loaded.display_name}: cannot inline local functions: {exc}".splitlines()[0]) from None
     infer_shapes(loaded, shape_inference)
-    findings = run_rules(loaded.model, profile)
+    findings = run_rules(loaded.model, profile, loaded.has_subgraphs)
     return CheckResult(profile=profile, findings=findings, model_name=loaded.display_name, fail_on=fail_on,
                        notes=loaded.notes, loaded=loaded)

@@ -41,6 +41,7 @@ class LoadedModel:
     size: int = 0
     external: list[ExternalRef] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    has_subgraphs: bool = False  # set by the validation walk; lets the engine skip a second scan
     _sha256: str | None = field(default=None, repr=False)
 
     @property
@@ -140,7 +141,8 @@ def _walk_initializers(graph: onnx.GraphProto, loaded: LoadedModel, base: Path |
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 loaded.external.append(_external_ref(t, loaded, base))
     for node in graph.node:
-        if node.op_type in _SUBGRAPH_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type in _SUBGRAPH_OPS:
+            loaded.has_subgraphs = True
             _check_node_subgraphs(node, loaded, base, depth + 1)
 
 
@@ -211,7 +213,7 @@ def infer_shapes(loaded: LoadedModel, mode: str = "auto") -> None:
     if mode not in ("auto", "always", "never"):
         raise InputError(f"shape inference mode {mode!r} is not auto, always or never")
     g = loaded.model.graph
-    if mode == "never" or (mode == "auto" and len(g.value_info) >= len(g.node)):
+    if mode == "never" or (mode == "auto" and len(g.value_info) + len(g.output) >= len(g.node)):
         if mode == "auto":
             loaded.notes.append("shape inference skipped: the graph already records intermediate shapes")
         return

@@ -1,0 +1,155 @@
+"""Benchmark: attn2conv-check time over onnx.load time (not a test; writes benchmarks/results/check.json).
+
+    .venv/bin/python benchmarks/bench_check.py [--repeats 5] [--out benchmarks/results/check.json]
+
+Graphs (built with onnx.helper, weights embedded so both sides parse the same bytes):
+- vit_b: a ViT-B/16-sized graph (12 blocks, width 768, MLP 3072, 197 tokens, ~86 M float32 weights) with
+  intermediate shapes recorded, as torch.onnx records them;
+- chain_N: a synthetic N-node Conv/Relu/Add/Sigmoid chain for N in 25k, 50k, 100k, once with value_info recorded
+  and once without (then `auto` runs ONNX shape inference; `never` skips it).
+Reported: medians of the repeats; ratio = check() / onnx.load(path, load_external_data=False).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attn2conv.check import check  # noqa: E402
+
+
+def _w(name, shape):
+    return onnx.numpy_helper.from_array(np.zeros(shape, np.float32), name)
+
+
+def vit_b() -> onnx.ModelProto:
+    D, F, N, H = 768, 3072, 197, 12
+    nodes, inits = [], []
+    x = "tokens"
+    for b in range(12):
+        p = f"blocks.{b}"
+
+        def lin(inp, name, i, o):
+            inits.extend([_w(f"{p}.{name}.weight", [i, o]), _w(f"{p}.{name}.bias", [o])])
+            nodes.append(h.make_node("MatMul", [inp, f"{p}.{name}.weight"], [f"{p}.{name}.mm"], name=f"{p}.{name}/mm"))
+            nodes.append(h.make_node("Add", [f"{p}.{name}.mm", f"{p}.{name}.bias"], [f"{p}.{name}.out"],
+                                     name=f"{p}.{name}/add"))
+            return f"{p}.{name}.out"
+
+        for ln in ("norm1", "norm2"):
+            inits.extend([_w(f"{p}.{ln}.weight", [D]), _w(f"{p}.{ln}.bias", [D])])
+        nodes.append(h.make_node("LayerNormalization", [x, f"{p}.norm1.weight", f"{p}.norm1.bias"], [f"{p}.n1"],
+                                 name=f"{p}.norm1", axis=-1))
+        qkv = lin(f"{p}.n1", "attn.qkv", D, 3 * D)
+        inits.append(onnx.numpy_helper.from_array(np.array([1, N, 3, H, D // H], np.int64), f"{p}.shape5"))
+        nodes.append(h.make_node("Reshape", [qkv, f"{p}.shape5"], [f"{p}.qkv5"], name=f"{p}.attn/reshape"))
+        nodes.append(h.make_node("Transpose", [f"{p}.qkv5"], [f"{p}.qkvT"], name=f"{p}.attn/permute",
+                                 perm=[2, 0, 3, 1, 4]))
+        nodes.append(h.make_node("Split", [f"{p}.qkvT"], [f"{p}.q", f"{p}.k", f"{p}.v"], name=f"{p}.attn/split",
+                                 axis=0, num_outputs=3))
+        nodes.append(h.make_node("Transpose", [f"{p}.k"], [f"{p}.kT"], name=f"{p}.attn/kT", perm=[0, 1, 2, 4, 3]))
+        nodes.append(h.make_node("MatMul", [f"{p}.q", f"{p}.kT"], [f"{p}.s"], name=f"{p}.attn/qk"))
+        nodes.append(h.make_node("Softmax", [f"{p}.s"], [f"{p}.a"], name=f"{p}.attn/softmax", axis=-1))
+        nodes.append(h.make_node("MatMul", [f"{p}.a", f"{p}.v"], [f"{p}.o"], name=f"{p}.attn/av"))
+        inits.append(onnx.numpy_helper.from_array(np.array([1, N, D], np.int64), f"{p}.shape3"))
+        nodes.append(h.make_node("Transpose", [f"{p}.o"], [f"{p}.oT"], name=f"{p}.attn/oT", perm=[0, 1, 3, 2, 4]))
+        nodes.append(h.make_node("Reshape", [f"{p}.oT", f"{p}.shape3"], [f"{p}.o3"], name=f"{p}.attn/merge"))
+        proj = lin(f"{p}.o3", "attn.proj", D, D)
+        nodes.append(h.make_node("Add", [x, proj], [f"{p}.r1"], name=f"{p}/res1"))
+        nodes.append(h.make_node("LayerNormalization", [f"{p}.r1", f"{p}.norm2.weight", f"{p}.norm2.bias"],
+                                 [f"{p}.n2"], name=f"{p}.norm2", axis=-1))
+        fc1 = lin(f"{p}.n2", "mlp.fc1", D, F)
+        nodes.append(h.make_node("Gelu", [fc1], [f"{p}.g"], name=f"{p}.mlp.act"))
+        fc2 = lin(f"{p}.g", "mlp.fc2", F, D)
+        nodes.append(h.make_node("Add", [f"{p}.r1", fc2], [f"{p}.out"], name=f"{p}/res2"))
+        x = f"{p}.out"
+    g = h.make_graph(nodes, "vit_b", [h.make_tensor_value_info("tokens", T.FLOAT, [1, N, D])],
+                     [h.make_tensor_value_info(x, T.FLOAT, [1, N, D])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 20)])
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def chain(n: int, value_info: bool) -> onnx.ModelProto:
+    nodes, x = [], "x"
+    ops = ("Conv", "Relu", "Add", "Sigmoid")
+    for i in range(n):
+        op = ops[i % 4]
+        ins = [x, "w"] if op == "Conv" else [x, x] if op == "Add" else [x]
+        kw = {"kernel_shape": [1, 1]} if op == "Conv" else {}
+        nodes.append(h.make_node(op, ins, [f"t{i}"], name=f"n{i}", **kw))
+        x = f"t{i}"
+    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [1, 8, 32, 32])],
+                     [h.make_tensor_value_info(x, T.FLOAT, [1, 8, 32, 32])], [_w("w", [8, 8, 1, 1])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(m) if value_info else m
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def measure(path: Path, target: str, repeats: int, shape_inference: str) -> dict:
+    load, load_all = median_time(lambda: onnx.load(str(path), load_external_data=False), repeats)
+    chk, chk_all = median_time(lambda: check(path, target, shape_inference=shape_inference), repeats)
+    res = check(path, target, shape_inference=shape_inference)
+    m = onnx.load(str(path), load_external_data=False)
+    return {
+        "nodes": len(m.graph.node), "value_info": len(m.graph.value_info), "bytes": path.stat().st_size,
+        "target": target, "shape_inference": shape_inference, "load_s": round(load, 5), "check_s": round(chk, 5),
+        "ratio": round(chk / load, 2), "findings": len(res.findings),
+        "load_runs_s": [round(t, 5) for t in load_all], "check_runs_s": [round(t, 5) for t in chk_all],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sizes", default="25000,50000,100000")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "check.json"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "vit_b.onnx"
+        onnx.save(vit_b(), str(p))
+        for target in ("trt-safe", "dla"):
+            rows.append({"graph": "vit_b", **measure(p, target, args.repeats, "auto")})
+            print(rows[-1]["graph"], target, rows[-1]["ratio"], flush=True)
+        p.unlink()
+        for n in map(int, args.sizes.split(",")):
+            for vi, modes in ((True, ("auto",)), (False, ("auto", "never"))):
+                p = Path(tmp) / f"chain_{n}_{vi}.onnx"
+                onnx.save(chain(n, vi), str(p))
+                for mode in modes:
+                    r = {"graph": f"chain_{n}", "recorded_shapes": vi, **measure(p, "trt-safe", args.repeats, mode)}
+                    rows.append(r)
+                    print(r["graph"], "value_info" if vi else "no value_info", mode, r["load_s"], r["check_s"],
+                          r["ratio"], flush=True)
+                p.unlink()
+    doc = {"benchmark": "attn2conv-check time / onnx.load time", "repeats": args.repeats,
+           "python": platform.python_version(), "onnx": onnx.__version__, "machine": platform.machine(),
+           "command": "python benchmarks/bench_check.py " + " ".join(sys.argv[1:]), "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
