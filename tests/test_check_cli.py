@@ -132,3 +132,11 @@ def test_cli_never_imports_torch(files):
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
+
+
+def test_attn2conv_check_is_callable_whatever_the_import_order(files):
+    bad, _ = files
+    code = ("import attn2conv.check, attn2conv; r = attn2conv.check(%r, target='trt-safe');"
+            "assert not r.ok and r.findings[1].rule == 'A2C-SAFE-OP-MATMUL'" % str(bad))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -9,3 +9,17 @@ from ._engine import CheckResult, Finding, check
 from ._load import InputError
 
 __all__ = ["CheckResult", "Finding", "InputError", "check"]
+
+
+# `attn2conv.check` names both this package and the function above. Once the package is imported, Python binds
+# the attribute `attn2conv.check` to the package, so make the package itself callable as `check(...)`.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return check(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
