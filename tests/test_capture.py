@@ -1,0 +1,79 @@
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import attn2conv
+from attn2conv.capture import capture, default_example_inputs
+from attn2conv.errors import CaptureError
+from attn2conv.graph import is_op, module_path
+
+from conftest import rel_error, state_checksum
+
+
+def test_default_input_from_timm_cfg():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1)
+    (x,) = default_example_inputs(model)
+    assert tuple(x.shape) == (1, 3, 224, 224)
+
+
+def test_default_input_from_hf_config():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=48, patch_size=16, num_channels=2, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64)
+    (x,) = default_example_inputs(ViTModel(cfg))
+    assert tuple(x.shape) == (1, 2, 48, 48)
+
+
+def test_no_shape_source_says_to_pass_example_inputs():
+    with pytest.raises(CaptureError, match="pass example_inputs"):
+        capture(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_capture_matches_model_and_keeps_provenance():
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    gm = capture(model, x)
+    assert rel_error(gm(x), model.eval()(x)) == 0.0
+    linears = [n for n in gm.graph.nodes if is_op(n, "aten.linear")]
+    assert len(linears) == 9
+    assert {module_path(n) for n in linears} >= {"blocks.0.attn.qkv", "blocks.1.mlp.fc2", "head"}
+    for n in linears:
+        assert {"nn_module_stack", "stack_trace", "torch_fn"} <= set(n.meta)
+        assert n.meta["val"].shape[-1] == gm.get_parameter(n.args[1].target).shape[0]
+    # functional graph: no in-place ops, no dropout
+    assert not any(str(n.target).endswith("_.Tensor") or is_op(n, "aten.dropout") for n in gm.graph.nodes)
+
+
+def test_user_model_is_not_mutated():
+    model = timm.create_model("repvgg_a0", pretrained=False).train()
+    before = state_checksum(model)
+    result = attn2conv.convert(model, target="trt-safe", example_inputs=torch.randn(1, 3, 32, 32))
+    assert result.report.passes[0].rewrites > 0
+    assert state_checksum(model) == before
+    assert model.training, "convert must not switch the user's model to eval mode"
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Branchy()
+
+    def forward(self, x):
+        return self.inner(x) + 1
+
+
+class _Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not capturable with static shapes
+            return x * 2
+        return x
+
+
+def test_export_failure_names_the_module_in_one_line():
+    with pytest.raises(CaptureError) as info:
+        capture(_DataDependent(), torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert "'inner'" in message and "\n" not in message
