@@ -1,0 +1,288 @@
+"""attention_to_conv (exact): multi-head attention cores become broadcast multiplies and constant-weight convolutions.
+
+Matches (attn2conv/attention_match.py): `scaled_dot_product_attention`, and `softmax(scale * q @ k^T + bias) @ v` in
+any arrangement of reshapes/permutes, with scalar scales, additive biases (relative-position tables, shifted-window
+masks, HF masks), `masked_fill(-inf)`, class attention (N = 1) and reduced keys (M != N).
+
+Maths. With q (L, N, d), k (L, M, d), v (L, M, dv), the leading dims L = (B, g...) become a batch axis B (L[0]) and
+g channel groups (one per head/window, g = prod(L[1:])). Heads stay in channel groups so the batch axis keeps the
+model's batch (TensorRT safety: batch <= 16):
+
+    Q  (B, g*d, 1, N)   = q permuted to channels-first
+    K  (B, g*d, M, 1)   = k^T reshaped (no data movement when the model already wrote k.transpose(-2, -1))
+    S  (B, g, M, N)     = Conv1x1_groups=g( Q * K , weight = scale * ones(g, d, 1, 1) )     # q.k, scale folded in
+    S += bias           (constant bias folded at compile time into one (1|B, g, M, N) buffer)
+    A  = softmax over axis 2 (keys)                               [where the target allows Softmax]
+    A' (B, g*M, 1, N)   = A reshaped (free)
+    V  (B, g*M, dv, 1)  = v reshaped (free)
+    O  (B, g, dv, N)    = Conv1x1_groups=g( A' * V , weight = ones(g, M, 1, 1) )              # sum over keys
+
+Both reductions are 1x1 grouped convolutions over channels with constant weights: legal on DLA (kernel and pool
+windows are small there, so no reduction runs over a spatial axis) and in the conservative TRT safety scope.
+
+Where the target does not allow Softmax (trt-safe), it is decomposed exactly, with the normalisation moved after
+the sum over keys (dividing O costs g*dv*N instead of g*M*N):
+
+    mx = MaxPool(kernel (M, 1))(S)                       (B, g, 1, N)   max over keys
+    z  = S - mx  <= 0                                     (computed as S + (-1)*mx and (-1)*S + mx: Mul/Add only)
+    E  = Sigmoid(z) / Sigmoid(-z)  = e^z                  exact identity; for z <= 0 the denominator is in [1/2, 1]
+                                                          (no 0/0), and -inf biases give 0/1 = 0
+    den = Conv1x1_groups=g(E', ones(g, M, 1, 1))          (B, g, 1, N)   sum over keys
+    O   = Conv1x1_groups=g(E' * V, ones(g, M, 1, 1)) / den
+
+Memory: the broadcast products Q*K and A'*V hold B*g*max(d, dv)*M*N elements. When that exceeds the option
+`max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default DEFAULT_MAX_BROADCAST), the
+core is computed in static chunks: first over heads (channel slices, concatenated on the channel axis), then over
+queries (slices of N, concatenated on the last axis). The peak is reported in the pass notes.
+
+Ops introduced (ATen -> ONNX):
+  every target: aten.mul (Mul), aten.conv2d (Conv, constant weights), aten.reshape (Reshape), aten.permute
+  (Transpose), aten.add (Add, when there is a bias); chunking adds aten.slice (Slice) and aten.cat (Concat).
+  Softmax allowed (dla): aten.softmax (Softmax, axis 2 of a 4-D tensor).
+  Softmax not allowed (trt-safe): aten.max_pool2d (MaxPool), aten.sigmoid (Sigmoid), aten.div (Div).
+  On trt-safe-8.6, MaxPool, Div, Slice and Concat are "undocumented" warnings; MatMul, Einsum and Softmax are gone.
+Targets whose profile accepts MatMul of two activations (trt) are left alone: the pass does nothing there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from attn2conv.attention_match import AttentionMatch, constant_value, find_attention, replay_chain
+from attn2conv.graph import Builder, aten, replace_uses, shape, where
+from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
+
+# Elements of one broadcast product (Q*K or A*V) computed in one op. 4M floats = 16 MB; see
+# benchmarks/bench_attention.py for the measurements behind the default.
+DEFAULT_MAX_BROADCAST = 4 * 1024 * 1024
+
+
+@register
+class AttentionToConv(GraphPass):
+    id = "attention_to_conv"
+    exact = True
+    removes = ("aten.scaled_dot_product_attention", "aten.matmul", "aten.bmm", "aten.softmax", "aten._softmax")
+    introduces = ("aten.mul", "aten.conv2d", "aten.reshape", "aten.permute", "aten.add", "aten.slice", "aten.cat",
+                  "aten.softmax", "aten.max_pool2d", "aten.sigmoid", "aten.div")
+    summary = "attention core -> broadcast Mul + constant grouped 1x1 Conv (softmax kept or decomposed)"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        if _matmul_of_activations_allowed(ctx.profile):
+            result.notes.append(f"{ctx.profile.id} accepts MatMul of two activations: attention left as it is")
+            return result
+        budget = int(ctx.option(self.id, "max_broadcast_elems", DEFAULT_MAX_BROADCAST))
+        keep_softmax = ctx.allows("Softmax")
+        matches, misses = find_attention(gm)
+        result.misses += [f"{where(node)}: {reason}" for node, reason in misses]
+        peak = 0
+        for match in matches:
+            outcome = _rewrite(gm, match, budget, keep_softmax)
+            if isinstance(outcome, str):
+                result.misses.append(f"{where(match.anchor)}: {outcome}")
+                continue
+            result.rewrites += 1
+            peak = max(peak, outcome.peak)
+            if outcome.chunks > 1:
+                result.notes.append(f"{where(match.anchor)}: {outcome.chunks} chunks "
+                                    f"({outcome.head_chunk} heads x {outcome.query_chunk} queries)")
+        result.changed = result.rewrites > 0
+        if result.changed:
+            gm.graph.eliminate_dead_code()
+            result.notes.append(f"softmax {'kept' if keep_softmax else 'decomposed (MaxPool, Sigmoid ratio, Div)'}; "
+                                f"peak broadcast tensor {peak} elements ({peak * 4 / 2**20:.1f} MiB fp32), "
+                                f"budget {budget}")
+        return result
+
+
+def _matmul_of_activations_allowed(profile) -> bool:
+    """True for targets that accept MatMul whose second input is computed (plain TensorRT), not for DLA/safety."""
+    if profile is None or not profile.op_allowed("MatMul"):
+        return False
+    for rule in profile.rules:
+        if rule.check == "input_const" and "MatMul" in (rule.params.get("inputs") or {}):
+            return False
+    return True
+
+
+class _Outcome:
+    def __init__(self, peak: int, chunks: int, head_chunk: int, query_chunk: int):
+        self.peak, self.chunks, self.head_chunk, self.query_chunk = peak, chunks, head_chunk, query_chunk
+
+
+def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool) -> _Outcome | str:
+    lead = match.lead
+    batch = lead[0] if lead else 1
+    groups = match.groups // batch
+    n, m, d, dv = match.n, match.m, match.d, match.dv
+    out_shape = shape(match.output)
+    if out_shape is None or math.prod(out_shape) != batch * groups * n * dv:
+        return f"attention output shape {out_shape} does not hold {batch}x{groups}x{n}x{dv} values"
+    b = Builder(gm, match.output)
+    bias = _bias(gm, b, match, batch, groups)
+    if isinstance(bias, str):
+        return bias
+
+    # Inputs in channels-first layout (see the module docstring).
+    q = b.call(aten.reshape.default, match.q, [batch, groups, n, d])
+    q = b.call(aten.reshape.default, b.call(aten.permute.default, q, [0, 1, 3, 2]), [batch, groups * d, 1, n])
+    if match.k_t is not None:
+        k = b.call(aten.reshape.default, match.k_t, [batch, groups * d, m, 1])
+    else:
+        k = b.call(aten.reshape.default, match.k, [batch, groups, m, d])
+        k = b.call(aten.reshape.default, b.call(aten.permute.default, k, [0, 1, 3, 2]), [batch, groups * d, m, 1])
+    v = b.call(aten.reshape.default, match.v, [batch, groups * m, dv, 1])
+
+    head_chunk, query_chunk = _chunking(batch, groups, n, m, max(d, dv), budget)
+    weights = _Weights(b, match.scale, d, m)
+    head_outputs = []
+    for g0 in range(0, groups, head_chunk):
+        gc = min(head_chunk, groups - g0)
+        qh = _slice(b, q, 1, g0 * d, (g0 + gc) * d, groups * d)
+        kh = _slice(b, k, 1, g0 * d, (g0 + gc) * d, groups * d)
+        vh = _slice(b, v, 1, g0 * m, (g0 + gc) * m, groups * m)
+        bh = _slice(b, bias, 1, g0, g0 + gc, groups) if bias is not None and shape(bias)[1] > 1 else bias
+        query_outputs = []
+        for n0 in range(0, n, query_chunk):
+            nc = min(query_chunk, n - n0)
+            qc = _slice(b, qh, 3, n0, n0 + nc, n)
+            bc = _slice(b, bh, 3, n0, n0 + nc, n) if bh is not None and shape(bh)[3] > 1 else bh
+            query_outputs.append(_core(b, weights, qc, kh, vh, bc, batch, gc, m, dv, nc, keep_softmax))
+        head_outputs.append(_cat(b, query_outputs, 3))
+    o = _cat(b, head_outputs, 1)  # (B, g, dv, N)
+    o = b.call(aten.permute.default, o, [0, 1, 3, 2])
+    o = b.call(aten.reshape.default, o, list(out_shape))
+    replace_uses(match.output, o)
+    for dead in dict.fromkeys((match.output, match.anchor)):  # sdpa counts as impure for dead-code elimination: erase it here
+        if not dead.users:
+            gm.graph.erase_node(dead)
+    peak = batch * head_chunk * max(d, dv) * m * query_chunk
+    chunks = math.ceil(groups / head_chunk) * math.ceil(n / query_chunk)
+    return _Outcome(peak, chunks, head_chunk, query_chunk)
+
+
+def _chunking(batch: int, groups: int, n: int, m: int, depth: int, budget: int) -> tuple[int, int]:
+    """(heads per chunk, queries per chunk): all heads and queries if they fit the budget, else fewer heads (a divisor
+    of g, so the chunks are equal), else one head and as many queries as fit."""
+    per_head = batch * depth * m * n
+    if per_head * groups <= budget:
+        return groups, n
+    for gc in range(groups - 1, 0, -1):
+        if groups % gc == 0 and per_head * gc <= budget:
+            return gc, n
+    per_query = batch * depth * m
+    return 1, max(1, min(n, budget // per_query))
+
+
+class _Weights:
+    """Constant conv weights, registered once per attention and shared by its chunks."""
+
+    def __init__(self, b: Builder, scale: float, d: int, m: int):
+        self.b, self.scale, self.d, self.m = b, scale, d, m
+        self.cache: dict[tuple[str, int], fx.Node] = {}
+
+    def dot(self, gc: int) -> fx.Node:  # sums each head's d channels of Q*K, times the attention scale
+        key = ("dot", gc)
+        if key not in self.cache:
+            self.cache[key] = self.b.constant(torch.full((gc, self.d, 1, 1), self.scale), "attn_dot_weight")
+        return self.cache[key]
+
+    def keysum(self, gc: int) -> fx.Node:  # sums each head's M key channels
+        key = ("keys", gc)
+        if key not in self.cache:
+            self.cache[key] = self.b.constant(torch.ones(gc, self.m, 1, 1), "attn_keysum_weight")
+        return self.cache[key]
+
+
+def _core(b: Builder, w: _Weights, q, k, v, bias, batch, gc, m, dv, nc, keep_softmax):
+    """One chunk: q (B, gc*d, 1, nc), k (B, gc*d, M, 1), v (B, gc*M, dv, 1), bias (1|B, gc, M, nc) -> (B, gc, dv, nc)."""
+    conv = aten.conv2d.default
+    s = b.call(conv, b.call(aten.mul.Tensor, q, k), w.dot(gc), None, [1, 1], [0, 0], [1, 1], gc)  # (B, gc, M, nc)
+    if bias is not None:
+        s = b.call(aten.add.Tensor, s, bias)
+    if keep_softmax:
+        a = b.call(aten.reshape.default, b.call(aten.softmax.int, s, 2), [batch, gc * m, 1, nc])
+        return b.call(conv, b.call(aten.mul.Tensor, a, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
+    mx = b.call(aten.max_pool2d.default, s, [m, 1], [m, 1])  # (B, gc, 1, nc)
+    z = b.call(aten.add.Tensor, s, b.call(aten.mul.Tensor, mx, -1.0))
+    neg_z = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, s, -1.0), mx)
+    e = b.call(aten.div.Tensor, b.call(aten.sigmoid.default, z), b.call(aten.sigmoid.default, neg_z))
+    e = b.call(aten.reshape.default, e, [batch, gc * m, 1, nc])
+    den = b.call(conv, e, w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)  # (B, gc, 1, nc)
+    o = b.call(conv, b.call(aten.mul.Tensor, e, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
+    return b.call(aten.div.Tensor, o, den)
+
+
+def _slice(b: Builder, x, dim: int, start: int, end: int, size: int):
+    if x is None or (start == 0 and end == size):
+        return x
+    return b.call(aten.slice.Tensor, x, dim, start, end)
+
+
+def _cat(b: Builder, parts: list, dim: int):
+    return parts[0] if len(parts) == 1 else b.call(aten.cat.default, parts, dim)
+
+
+# --- the additive bias ---------------------------------------------------------------------------------------------
+
+def _bias(gm: fx.GraphModule, b: Builder, match: AttentionMatch, batch: int, groups: int):
+    """The total additive bias in (1|B, g, M, N) layout: a constant buffer when it depends on parameters only, graph
+    ops otherwise; None when there is none; a reason string when it cannot be expressed."""
+    n, m = match.n, match.m
+    full = (batch, groups, n, m)
+    if match.form == "sdpa":
+        if match.mask is None and not match.causal:
+            return None
+        natural = (*match.lead, n, m)
+        total = torch.zeros(())
+        if match.causal:
+            total = torch.zeros(n, m).masked_fill(~torch.ones(n, m, dtype=torch.bool).tril(), float("-inf"))
+        if match.mask is not None:
+            mask = constant_value(gm, match.mask)
+            if mask is None:
+                if match.mask.meta["val"].dtype == torch.bool:
+                    return "attn_mask is a boolean tensor computed in the graph (only constant ones are folded)"
+                if match.causal:
+                    return "is_causal together with a computed attn_mask"
+                return _graph_bias(b, match.mask, natural, full)
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask
+            total = total + mask.float()
+        return _constant_bias(b, total, natural, full)
+    if not match.has_bias:
+        return None
+    natural = shape(match.chain[-1])
+    zero_bias = replay_chain(match, torch.zeros(shape(match.scores)), gm)
+    if zero_bias is not None:
+        return _constant_bias(b, zero_bias, natural, full)
+    return _graph_bias(b, _replay_in_graph(gm, b, match, shape(match.scores)), natural, full)
+
+
+def _constant_bias(b: Builder, bias: torch.Tensor, natural, full) -> fx.Node:
+    """`bias` broadcast to the softmax input's shape, regrouped to (B, g, N, M), stored keys-first (1|B, g, M, N)."""
+    batch, groups, n, m = full
+    bias = bias.float().broadcast_to(natural).reshape(full)
+    if batch > 1 and bool((bias == bias[:1]).all()):
+        bias = bias[:1]  # the same for every image: keep one copy
+    return b.constant(bias.permute(0, 1, 3, 2).contiguous(), "attn_bias")
+
+
+def _graph_bias(b: Builder, bias: fx.Node, natural, full) -> fx.Node:
+    if shape(bias) != tuple(natural):
+        bias = b.call(aten.expand.default, bias, list(natural))
+    bias = b.call(aten.reshape.default, bias, list(full))
+    return b.call(aten.permute.default, bias, [0, 1, 3, 2])
+
+
+def _replay_in_graph(gm: fx.GraphModule, b: Builder, match: AttentionMatch, scores_shape) -> fx.Node:
+    """chain(0) as graph nodes: the chain copied with the scores replaced by a zero constant."""
+    env = {match.scores: b.constant(torch.zeros(scores_shape), "attn_zero_scores")}
+    node = env[match.scores]
+    for original in match.chain:
+        with gm.graph.inserting_before(b.anchor):
+            node = gm.graph.node_copy(original, lambda x: env.get(x, x))
+        node.meta = {k: v for k, v in original.meta.items()}
+        env[original] = node
+        b.created.append(node)
+    return node
