@@ -227,3 +227,33 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def all_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return {i for n in nodes for i in n.all_input_nodes}
+
+
+# --- channels-first layout (B, C, H, W) / (B, C, 1, N) -----------------------------------------------------------------
+
+def to_channels_first(b: "Builder", x: fx.Node, xs: tuple[int, ...]):
+    """Views a channels-last tensor (..., C) as a 4-D channels-first one; returns (x4, back) with back(y4) -> (..., C').
+
+    (B, C) -> (B, C, 1, 1); (B, N, C) -> permute + reshape -> (B, C, 1, N); (B, H, W, C) -> permute -> (B, C, H, W);
+    higher ranks fold the middle dims into N. The wrappers are the ones linear_to_conv emits, so consecutive ops'
+    back/forth pairs are exact inverses that layout_cleanup cancels.
+    """
+    import math
+
+    rank, c = len(xs), xs[-1]
+    if rank == 2:
+        x4 = b.call(aten.reshape.default, x, [xs[0], c, 1, 1])
+        return x4, lambda y4, c_out=None: b.call(aten.reshape.default, y4, [xs[0], c_out or c])
+    if rank == 4:
+        x4 = b.call(aten.permute.default, x, [0, 3, 1, 2])
+        return x4, lambda y4, c_out=None: b.call(aten.permute.default, y4, [0, 2, 3, 1])
+    n = math.prod(xs[1:-1])
+    x3 = x if rank == 3 else b.call(aten.reshape.default, x, [xs[0], n, c])
+    x4 = b.call(aten.reshape.default, b.call(aten.permute.default, x3, [0, 2, 1]), [xs[0], c, 1, n])
+
+    def back(y4, c_out=None):
+        c2 = c_out or c
+        y = b.call(aten.permute.default, b.call(aten.reshape.default, y4, [xs[0], c2, n]), [0, 2, 1])
+        return y if rank == 3 else b.call(aten.reshape.default, y, [*xs[:-1], c2])
+
+    return x4, back

@@ -122,3 +122,20 @@ def illegal_ops(gm: fx.GraphModule, profile) -> list[IllegalOp]:
 def op_counts(gm: fx.GraphModule) -> Counter[str]:
     """Counts of op kinds over nodes that depend on the input."""
     return Counter(op_kind(n) for n in compute_nodes(gm))
+
+
+_SEVERITY_COST = {"error": 1000, "warning": 1, "note": 0}
+
+
+def onnx_cost(profile, onnx_ops) -> int:
+    """How badly `profile` flags a set of ONNX ops: 1000 per error, 1 per warning, 0 when legal (or no profile).
+
+    Passes with several equivalent forms use this to pick the one the target flags least.
+    """
+    if profile is None:
+        return 0
+    total = 0
+    for op in onnx_ops:
+        rule = profile.op_rule(op)
+        total += _SEVERITY_COST.get(rule.severity, 1) if rule is not None else 0
+    return total
