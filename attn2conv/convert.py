@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -10,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.capture import as_input_tuple, capture, default_example_inputs
-from attn2conv.guard import DEFAULT_RTOL, NumericGuard
+from attn2conv.guard import DEFAULT_RTOL, NumericGuard, relative_error
 from attn2conv.legality import illegal_ops, op_counts
 from attn2conv.pass_infra import PassContext
 from attn2conv.pipeline import Pipeline
@@ -24,7 +25,7 @@ class ConversionResult:
     example_inputs: tuple = ()
     onnx_path: str | None = None
     check: Any = None  # attn2conv.check.CheckResult on the exported file
-    certified: bool | None = None  # None until exported and checked
+    certified: bool | None = None  # None until exported; then: verifier passes (fail on error) and ORT matches torch
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, *args, **kwargs):
@@ -42,6 +43,7 @@ def convert(
     options: dict[str, dict[str, Any]] | None = None,
     calibration: Any = None,
     progress: Callable[[str], None] | None = None,
+    export: str | os.PathLike | None = None,
 ) -> ConversionResult:
     """Rewrites `model` for `target` ('trt', 'trt-safe', 'dla', a profile id such as 'trt-safe-8.6', or a profile file).
 
@@ -50,10 +52,20 @@ def convert(
     fidelity='fast' also applies architectural swaps; the report then says the model needs distillation.
     `pipeline` overrides the preset pass list; `options` gives per-pass options {pass_id: {key: value}}.
     The user's model is deep-copied by capture and never modified.
+
+    export='model.onnx' also writes the ONNX (attn2conv.export.export_onnx: opset from the profile, provenance kept),
+    compares ONNX Runtime with torch (report.extra['export']['parity']), runs the verifier on the file with the same
+    profile (.check) and writes the certificate next to it ('model.onnx.cert.json'). `.certified` is True when the
+    verifier finds nothing at error severity and ONNX Runtime matches torch within rtol. On failure nothing new is left
+    at the destination.
     """
     from attn2conv.targets import resolve_target
 
     profile = resolve_target(target)
+    if export is not None:  # fail before the expensive part
+        from attn2conv.export import validate_destination
+
+        validate_destination(export)
     inputs = as_input_tuple(example_inputs) or default_example_inputs(model)
     say = progress or (lambda stage: None)
 
@@ -71,7 +83,37 @@ def convert(
     # torch.export reproduces the model exactly, so the captured graph is the numeric reference for every pass.
     guard = NumericGuard.for_module(gm, inputs, rtol=rtol)
     gm, report.passes = pipe.run(gm, ctx, guard, progress=say)
-    report.rel_error = guard.measure(gm)[1]
+    # the guard already holds the final graph's outputs: no need to run the model again
+    report.rel_error = max(relative_error(r, o) for r, o in zip(guard.reference, guard.original))
     report.op_counts_after = dict(op_counts(gm))
     report.illegal_ops = [dataclasses.asdict(op) for op in illegal_ops(gm, profile)]
-    return ConversionResult(module=gm, report=report, example_inputs=inputs)
+    result = ConversionResult(module=gm, report=report, example_inputs=inputs)
+    if export is not None:
+        _export_and_certify(result, export, profile, guard, say)
+    return result
+
+
+def _export_and_certify(result: ConversionResult, path: str | os.PathLike, profile, guard: NumericGuard,
+                        say: Callable[[str], None]) -> None:
+    """ONNX export + ORT parity + verifier + certificate, as one transaction (attn2conv.export)."""
+    from attn2conv.export import export_onnx
+
+    report = result.report
+    say("export")
+    # parity on the example input and one random input, against outputs the guard already computed
+    info = export_onnx(result.module, result.example_inputs, path, profile, rtol=report.rtol,
+                       parity_inputs=guard.probes[:2], parity_reference=guard.reference[:2],
+                       original_reference=guard.original[:2], certify=True, progress=say)
+    check = info.check
+    result.onnx_path, result.check = info.path, check
+    result.certified = bool(check.ok and info.parity_ok)
+    counts = check.counts()
+    report.extra["export"] = info.to_dict()
+    report.extra["check"] = {"profile": check.profile.id, "verdict": check.verdict, "fail_on": check.fail_on,
+                             "counts": counts, "by_rule": check.by_rule(),
+                             "failing": [f.to_dict() for f in check.failing[:50]]}
+    report.extra["certified"] = result.certified
+    report.extra["onnx"] = (f"{info.path} (opset {info.opset}, {info.nodes} nodes, ONNX Runtime vs torch "
+                            f"{info.parity:.1e})")
+    report.extra["verifier"] = (f"{check.verdict.upper()} for {check.profile.id}: {counts['error']} error(s), "
+                                f"{counts['warning']} warning(s), {counts['note']} note(s)")

@@ -1,0 +1,454 @@
+"""Export: a (rewritten) fx.GraphModule -> a clean, checked ONNX file that still names the user's modules.
+
+    info = export_onnx(result.module, (x,), "model.onnx", target="trt-safe")
+    info.opset, info.parity, info.path
+
+Steps, all on a temporary copy next to the destination (the destination only ever holds a complete file):
+
+1. ``torch.onnx.export(dynamo=True)`` with static shapes at opset 18 (the lowest the dynamo exporter translates to),
+   its onnxscript optimiser on. Every node carries ``metadata_props`` written by the exporter:
+   ``pkg.torch.onnx.name_scopes`` (module path, e.g. ``blocks.3.attn.qkv``), ``pkg.torch.onnx.stack_trace`` (the
+   Python line), ``namespace``, ``class_hierarchy``.
+2. If the target profile caps the opset below 18 (TensorRT 8.6 parses opsets 7..17), ``onnx.version_converter``
+   brings the model down. The converter drops ``metadata_props``; they are put back by node name.
+3. onnx-graphsurgeon clean-up: fold constants, bypass Identity nodes, remove dead nodes, topological sort. Graph
+   surgeon drops ``metadata_props`` too; they are put back by node name, and a node the clean-up created inherits the
+   provenance of a neighbour, so the verifier can still say ``blocks.3.attn``.
+4. Write: a single file, or weights as external data (``<name>.data`` next to the model) when they pass 2 GiB; then
+   ``onnx.checker.check_model(full_check=True)`` on the written file.
+5. Parity: ONNX Runtime (CPU, fp32) against the torch module on the example input and a random input (or on the
+   inputs/outputs the caller already has); relative error = max|y_ort - y_torch| / max|y_torch| over all outputs.
+6. Optionally (``certify=True``) the verifier runs on the same bytes and the certificate ``<name>.cert.json`` is
+   written; then everything is moved into place (data file first, then the model, then the certificate).
+
+Any failure raises :class:`ExportError` (one line) and leaves nothing new at the destination.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import onnx
+
+from attn2conv.errors import Attn2ConvError
+
+# The dynamo exporter translates to opset 18 and up; lower opsets are reached with onnx's version converter.
+EXPORTER_MIN_OPSET = 18
+# protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+# graph surgeon does not fold constants into tensors larger than this (a folded Expand can bloat the file).
+FOLD_SIZE_LIMIT = 16 * 1024**2
+PROVENANCE_PREFIX = "pkg.torch.onnx."
+
+
+class ExportError(Attn2ConvError):
+    """The graph could not be exported, cleaned or written as valid ONNX. The message is one line."""
+
+
+@dataclass
+class ExportResult:
+    path: str
+    opset: int
+    nodes: int
+    external_data: bool = False
+    parity: float | None = None  # ONNX Runtime vs the exported torch module, relative error
+    parity_vs_original: float | None = None  # ONNX Runtime vs the original model's outputs, when given
+    parity_inputs: int = 0
+    rtol: float = 1e-4
+    nodes_with_provenance: int = 0
+    check: Any = None  # attn2conv.check.CheckResult when certify=True
+    certificate_path: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def parity_ok(self) -> bool:
+        return self.parity is not None and self.parity <= self.rtol
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "opset": self.opset, "nodes": self.nodes, "external_data": self.external_data,
+            "parity": self.parity, "parity_vs_original": self.parity_vs_original,
+            "parity_inputs": self.parity_inputs, "parity_ok": self.parity_ok, "rtol": self.rtol,
+            "nodes_with_provenance": self.nodes_with_provenance, "certificate": self.certificate_path,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": list(self.notes),
+        }
+
+
+def choose_opset(profile) -> int:
+    """The opset to write: 18 when the profile allows it, else the profile's bound (17 for TensorRT 8.6)."""
+    highest = min(int(profile.opset_max), onnx.defs.onnx_opset_version())
+    opset = min(max(EXPORTER_MIN_OPSET, int(profile.opset_min)), highest)
+    if opset < int(profile.opset_min):
+        raise ExportError(f"profile {profile.id} asks for opset {profile.opset_min}..{profile.opset_max}, which this "
+                          f"onnx ({onnx.__version__}, up to opset {onnx.defs.onnx_opset_version()}) cannot write")
+    return opset
+
+
+def validate_destination(path: str | os.PathLike, suffix: str = ".onnx") -> Path:
+    """Fails early (ExportError) when `path` cannot receive the model: wrong suffix, a folder, a missing or
+    unwritable folder. Tries a real temporary file, as permission bits do not tell the whole story (root, ACLs)."""
+    dest = Path(path)
+    if suffix and dest.suffix.lower() != suffix:
+        raise ExportError(f"{dest}: the output file name must end in {suffix}")
+    if dest.is_dir():
+        raise ExportError(f"{dest} is a folder; give a file name such as {dest / ('model' + suffix)}")
+    parent = dest.parent
+    if not parent.exists():
+        raise ExportError(f"cannot write {dest}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {dest}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    return dest
+
+
+def export_onnx(
+    graph_module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    target: Any = "trt-safe",
+    *,
+    rtol: float = 1e-4,
+    parity: bool = True,
+    parity_inputs: Sequence[tuple] | None = None,
+    parity_reference: Sequence[list] | None = None,
+    original_reference: Sequence[list] | None = None,
+    certify: bool = False,
+    external_data: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Exports `graph_module` (any nn.Module) to `path` for `target` (a profile, its id or an alias).
+
+    parity_inputs/parity_reference: probe inputs and the torch outputs on them, when the caller already has them (the
+    conversion guard does); otherwise the example input and one seeded random input are run through the module.
+    original_reference: the original model's outputs on the same probes, for an end-to-end figure.
+    external_data: None = only when the weights pass 2 GiB.
+    """
+    from attn2conv.capture import as_input_tuple
+    from attn2conv.targets import resolve_target
+
+    profile = resolve_target(target)
+    inputs = as_input_tuple(example_inputs)
+    dest = validate_destination(path)
+    say = progress or (lambda stage: None)
+    opset = choose_opset(profile)
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+
+    start = time.perf_counter()
+    model = _torch_export(graph_module, inputs, max(opset, EXPORTER_MIN_OPSET))
+    seconds["torch_export"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    saved = _provenance_by_name(model)
+    if opset < EXPORTER_MIN_OPSET:
+        model = _down_convert(model, opset)
+    model = _clean(model)
+    with_provenance = _restore_provenance(model, saved)
+    _stamp(model, profile)
+    seconds["cleanup"] = time.perf_counter() - start
+
+    weight_bytes = _initializer_bytes(model)
+    use_external = external_data if external_data is not None else weight_bytes >= EXTERNAL_DATA_THRESHOLD
+    result = ExportResult(path=str(dest), opset=opset, nodes=len(model.graph.node), external_data=use_external,
+                          rtol=rtol, nodes_with_provenance=with_provenance, seconds=seconds, notes=notes)
+
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    try:
+        tmp = tmpdir / dest.name
+        data_name = f"{dest.name}.data"
+        start = time.perf_counter()
+        try:
+            if use_external:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+            else:
+                onnx.save_model(model, str(tmp))
+        except OSError as exc:
+            raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # protobuf refuses > 2 GiB
+            raise ExportError(f"cannot serialise {dest.name}: {_one_line(exc)}; retry with external_data=True") from None
+        seconds["write"] = time.perf_counter() - start
+        del model  # the file is the truth from here on
+
+        start = time.perf_counter()
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:  # noqa: BLE001 - checker raises ValidationError, InferenceError, ...
+            raise ExportError(f"the exported model fails onnx.checker: {_one_line(exc)}") from None
+        seconds["onnx_checker"] = time.perf_counter() - start
+
+        if parity:
+            say("parity")
+            start = time.perf_counter()
+            probes = list(parity_inputs) if parity_inputs is not None else None
+            if probes is None:
+                from attn2conv.guard import probe_inputs
+
+                probes = probe_inputs(inputs, n_random=1)
+            reference = list(parity_reference) if parity_reference is not None else _torch_outputs(graph_module, probes)
+            ort_outs = _ort_outputs(tmp, probes)
+            result.parity = _worst(ort_outs, reference)
+            if original_reference is not None:
+                result.parity_vs_original = _worst(ort_outs, list(original_reference))
+            result.parity_inputs = len(probes)
+            seconds["parity"] = time.perf_counter() - start
+            if not result.parity_ok:
+                notes.append(f"ONNX Runtime differs from torch by {result.parity:.2e} (bound {rtol:g})")
+
+        cert_text = None
+        if certify:
+            say("check")
+            start = time.perf_counter()
+            from attn2conv.check import check
+            from attn2conv.check._report import certificate
+
+            result.check = check(tmp, target=profile)
+            cert_text = certificate(result.check)
+            seconds["check"] = time.perf_counter() - start
+
+        # commit: the data file first (the model refers to it), then the model, then its certificate
+        try:
+            if use_external:
+                os.replace(tmpdir / data_name, dest.with_name(data_name))
+            os.replace(tmp, dest)
+            if cert_text is not None:
+                cert = dest.with_name(dest.name + ".cert.json")
+                cert_tmp = tmpdir / cert.name
+                cert_tmp.write_text(cert_text, encoding="utf-8")
+                os.replace(cert_tmp, cert)
+                result.certificate_path = str(cert)
+        except OSError as exc:
+            for leftover in (dest, dest.with_name(data_name) if use_external else None):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        if result.check is not None and result.check.loaded is not None:
+            result.check.loaded.path = dest  # the checked bytes now live here (external-data digests read from it)
+        return result
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --- steps -----------------------------------------------------------------------------------------------------------
+
+def _torch_export(module, inputs: tuple, opset: int) -> onnx.ModelProto:
+    import torch
+
+    # the exporter prints progress and raises warnings about internals; the user sees one line on failure
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset, optimize=True,
+                                        verbose=False, external_data=False)
+            return program.model_proto
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"torch.onnx export failed: {_one_line(exc)}") from exc
+
+
+def _down_convert(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx.version_converter, with the weights detached: it serialises the model, which must stay under 2 GiB."""
+    from onnx import version_converter
+
+    detached = _detach_weights(model)
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"cannot convert the exported model to opset {opset}: {_one_line(exc)}") from exc
+    finally:
+        _attach_weights(model, detached)
+    _attach_weights(converted, detached)
+    _drop_newer_attributes(converted, opset)
+    return converted
+
+
+# attributes that later opsets added with a default meaning "as before"; the converter sometimes leaves them behind
+_ADDED_ATTRIBUTE_DEFAULTS = {"noop_with_empty_axes": 0}
+
+
+def _drop_newer_attributes(model: onnx.ModelProto, opset: int) -> None:
+    """The down-converted ReduceX keep opset 18's `noop_with_empty_axes`; at its default it can simply go."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            known = onnx.defs.get_schema(node.op_type, opset, node.domain).attributes
+        except onnx.defs.SchemaError:
+            continue
+        for attr in list(node.attribute):
+            if attr.name not in known and _ADDED_ATTRIBUTE_DEFAULTS.get(attr.name) == onnx.helper.get_attribute_value(attr):
+                node.attribute.remove(attr)
+
+
+def _detach_weights(model: onnx.ModelProto) -> dict[str, bytes]:
+    out = {}
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) > 4096:
+            out[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    return out
+
+
+def _attach_weights(model: onnx.ModelProto, detached: dict[str, bytes]) -> None:
+    for t in model.graph.initializer:
+        if t.name in detached and not t.HasField("raw_data") and not t.external_data:
+            t.raw_data = detached[t.name]
+
+
+def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx-graphsurgeon: fold constants, bypass Identity, drop dead nodes, topological order."""
+    import onnx_graphsurgeon as gs
+
+    try:
+        graph = gs.import_onnx(model)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True)
+        _bypass_identities(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        cleaned = gs.export_onnx(graph, do_type_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnx-graphsurgeon clean-up failed: {_one_line(exc)}") from exc
+    # graph surgeon rebuilds the ModelProto; keep the exporter's model-level fields
+    cleaned.ir_version = model.ir_version
+    cleaned.producer_name, cleaned.producer_version = model.producer_name, model.producer_version
+    cleaned.doc_string = model.doc_string
+    del cleaned.metadata_props[:]
+    cleaned.metadata_props.extend(model.metadata_props)
+    return cleaned
+
+
+def _bypass_identities(graph) -> None:
+    """Consumers of an Identity read its input instead; an Identity that produces a graph output stays."""
+    outputs = set(id(t) for t in graph.outputs)
+    for node in graph.nodes:
+        if node.op != "Identity" or len(node.inputs) != 1 or len(node.outputs) != 1:
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        if id(dst) in outputs:
+            continue
+        for consumer in list(dst.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
+        node.outputs.clear()
+
+
+def _provenance_by_name(model: onnx.ModelProto) -> dict[str, list[tuple[str, str]]]:
+    return {n.name: [(p.key, p.value) for p in n.metadata_props] for n in model.graph.node
+            if n.name and len(n.metadata_props)}
+
+
+def _restore_provenance(model: onnx.ModelProto, saved: dict[str, list[tuple[str, str]]]) -> int:
+    """Puts metadata_props back by node name; a node without a saved entry borrows a neighbour's. Returns the number of
+    nodes that carry the exporter's module path afterwards."""
+    nodes = list(model.graph.node)
+    for n in nodes:
+        if not len(n.metadata_props) and n.name in saved:
+            for key, value in saved[n.name]:
+                n.metadata_props.add(key=key, value=value)
+    # nodes created by the converter or the clean-up: take the provenance of a consumer, else of a producer
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in nodes:
+        if len(n.metadata_props):
+            continue
+        for neighbour in [c for o in n.output for c in consumers.get(o, ())] + [producer[i] for i in n.input
+                                                                               if i in producer]:
+            if len(neighbour.metadata_props):
+                n.metadata_props.extend(neighbour.metadata_props)
+                break
+    return sum(any(p.key == PROVENANCE_PREFIX + "name_scopes" for p in n.metadata_props) for n in nodes)
+
+
+def _stamp(model: onnx.ModelProto, profile) -> None:
+    from attn2conv import __version__
+
+    stamps = {"attn2conv.version": __version__, "attn2conv.target": profile.id}
+    keep = [p for p in model.metadata_props if p.key not in stamps]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in stamps.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            n = 1
+            for d in t.dims:
+                n *= d
+            total += n * max(1, onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    return total
+
+
+# --- parity ----------------------------------------------------------------------------------------------------------
+
+def _torch_outputs(module, probes: Sequence[tuple]) -> list[list]:
+    from attn2conv.guard import run_outputs
+
+    return run_outputs(module, list(probes))
+
+
+def _ort_outputs(path: Path, probes: Sequence[tuple]) -> list[list]:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from attn2conv.graph import flat_tensors
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the graph as written, fused little
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {_one_line(exc)}") from exc
+    names = [i.name for i in session.get_inputs()]
+    outs = []
+    for probe in probes:
+        tensors = flat_tensors(probe)
+        if len(tensors) != len(names):
+            raise ExportError(f"the exported model takes {len(names)} input(s), the probe has {len(tensors)}")
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+        try:
+            result = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"ONNX Runtime cannot run the exported model: {_one_line(exc)}") from exc
+        outs.append([torch.from_numpy(np.asarray(r)) for r in result])
+    return outs
+
+
+def _worst(outputs: list[list], references: list[list]) -> float:
+    from attn2conv.guard import relative_error
+
+    return max(relative_error(o, r) for o, r in zip(outputs, references))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
