@@ -35,6 +35,16 @@ Memory: the broadcast products Q*K and A'*V hold B*g*max(d, dv)*M*N elements. Wh
 core is computed in static chunks: first over heads (channel slices, concatenated on the channel axis), then over
 queries (slices of N, concatenated on the last axis). The peak is reported in the pass notes.
 
+Alternative layout (option layout="pooled", used only where the profile allows the pool windows and the batch axis):
+heads on the batch axis, q.k summed by AveragePool(1, d) over the contiguous last axis, the key sum by
+AveragePool(M, 1). It needs no channel groups but measured 20x slower on ONNX Runtime CPU (its AveragePool is slow
+for such windows), so the grouped-conv layout is the default everywhere.
+
+Accuracy of the sigmoid ratio: in float32 PyTorch, sigmoid(z)/sigmoid(-z) matches exp(z) to 2.2e-7 relative on
+[-87, 0]. ONNX Runtime's Sigmoid is accurate to ~1.4e-7 *absolute* only (relative error grows for z < -10), which
+after the division by the key sum (>= 1, the max term is exactly 1) leaves probabilities with <= 1.4e-7 absolute
+error: whole-model relative errors stay around 1e-6.
+
 Ops introduced (ATen -> ONNX):
   every target: aten.mul (Mul), aten.conv2d (Conv, constant weights), aten.reshape (Reshape), aten.permute
   (Transpose), aten.add (Add, when there is a bias); chunking adds aten.slice (Slice) and aten.cat (Concat).
@@ -54,9 +64,11 @@ from attn2conv.attention_match import AttentionMatch, constant_value, find_atten
 from attn2conv.graph import Builder, aten, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
-# Elements of one broadcast product (Q*K or A*V) computed in one op. 4M floats = 16 MB; see
-# benchmarks/bench_attention.py for the measurements behind the default.
-DEFAULT_MAX_BROADCAST = 4 * 1024 * 1024
+# Elements of one broadcast product (Q*K or A*V) computed in one op: 16M floats = 64 MiB, so a DeiT-S/ViT-S core
+# (6*64*197*197 = 14.9M) runs unchunked. On ONNX Runtime CPU, chunking was measured slower, not faster (one DeiT-S
+# attention: 8.0 ms unchunked, 14.2 ms in 6 chunks, 22.7 ms in 18, 62 ms in 60; per-node overhead and ORT's NCHWc
+# reorders of single-group convs outweigh the cache gain), so chunks only bound memory. See bench_attention.py.
+DEFAULT_MAX_BROADCAST = 16 * 1024 * 1024
 
 
 @register
@@ -75,23 +87,27 @@ class AttentionToConv(GraphPass):
             return result
         budget = int(ctx.option(self.id, "max_broadcast_elems", DEFAULT_MAX_BROADCAST))
         keep_softmax = ctx.allows("Softmax")
+        limits = _TargetLimits(ctx.profile)
+        layout = ctx.option(self.id, "layout", "grouped")
         matches, misses = find_attention(gm)
         result.misses += [f"{where(node)}: {reason}" for node, reason in misses]
-        peak = 0
+        peak, layouts = 0, set()
         for match in matches:
-            outcome = _rewrite(gm, match, budget, keep_softmax)
+            outcome = _rewrite(gm, match, budget, keep_softmax, limits, layout)
             if isinstance(outcome, str):
                 result.misses.append(f"{where(match.anchor)}: {outcome}")
                 continue
             result.rewrites += 1
             peak = max(peak, outcome.peak)
+            layouts.add(outcome.layout)
             if outcome.chunks > 1:
                 result.notes.append(f"{where(match.anchor)}: {outcome.chunks} chunks "
                                     f"({outcome.head_chunk} heads x {outcome.query_chunk} queries)")
         result.changed = result.rewrites > 0
         if result.changed:
             gm.graph.eliminate_dead_code()
-            result.notes.append(f"softmax {'kept' if keep_softmax else 'decomposed (MaxPool, Sigmoid ratio, Div)'}; "
+            result.notes.append(f"layout {'/'.join(sorted(layouts))}; "
+                                f"softmax {'kept' if keep_softmax else 'decomposed (MaxPool, Sigmoid ratio, Div)'}; "
                                 f"peak broadcast tensor {peak} elements ({peak * 4 / 2**20:.1f} MiB fp32), "
                                 f"budget {budget}")
         return result
@@ -107,12 +123,40 @@ def _matmul_of_activations_allowed(profile) -> bool:
     return True
 
 
+class _TargetLimits:
+    """What the profile says about the ops the pooled layout needs: AveragePool/MaxPool allowed at all, their largest
+    window, and the largest batch axis (TensorRT safety: 16)."""
+
+    def __init__(self, profile):
+        self.pool_ok = profile is None or (profile.op_allowed("AveragePool") or profile.op_rule("AveragePool")
+                                           .severity != "error")
+        self.max_window, self.max_batch = None, None
+        for rule in profile.rules if profile is not None else ():
+            if rule.check == "attr_range" and rule.params.get("attr") == "kernel_shape" and \
+                    "AveragePool" in rule.params.get("ops", ()):
+                self.max_window = min(self.max_window or 1 << 30, int(rule.params["max"]))
+            if rule.check == "tensor_dims_max" and str(rule.params.get("axes")) == "0":
+                self.max_batch = min(self.max_batch or 1 << 30, int(rule.params["max"]))
+
+    def pooled_layout_fits(self, batch_axis: int, window: int) -> bool:
+        return self.pool_ok and (self.max_window is None or window <= self.max_window) and \
+            (self.max_batch is None or batch_axis <= self.max_batch)
+
+
 class _Outcome:
-    def __init__(self, peak: int, chunks: int, head_chunk: int, query_chunk: int):
+    def __init__(self, peak: int, chunks: int, head_chunk: int, query_chunk: int, layout: str):
         self.peak, self.chunks, self.head_chunk, self.query_chunk = peak, chunks, head_chunk, query_chunk
+        self.layout = layout
 
 
-def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool) -> _Outcome | str:
+def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool,
+             limits: "_TargetLimits", layout: str) -> _Outcome | str:
+    if layout == "pooled" and limits.pooled_layout_fits(match.groups, max(match.d, match.m)):
+        return _rewrite_pooled(gm, match, budget, keep_softmax)
+    return _rewrite_grouped(gm, match, budget, keep_softmax)
+
+
+def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool) -> _Outcome | str:
     lead = match.lead
     batch = lead[0] if lead else 1
     groups = match.groups // batch
@@ -160,7 +204,65 @@ def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softma
             gm.graph.erase_node(dead)
     peak = batch * head_chunk * max(d, dv) * m * query_chunk
     chunks = math.ceil(groups / head_chunk) * math.ceil(n / query_chunk)
-    return _Outcome(peak, chunks, head_chunk, query_chunk)
+    return _Outcome(peak, chunks, head_chunk, query_chunk, "grouped-conv")
+
+
+def _rewrite_pooled(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool) -> _Outcome | str:
+    """Heads on the batch axis, reductions by AveragePool over a spatial axis (contiguous for q.k):
+
+        P  (G, N, M, d)  = q (G, N, 1, d) * k (G, 1, M, d)           G = prod(L); q pre-scaled by scale * d
+        S  (G, N, M, 1)  = AvgPool(1, d)(P)                          = scale * q.k
+        A  = softmax over M (on the free view (G, 1, N, M), last axis)
+        P2 (G, N, M, dv) = A (G, N, M, 1) * v (G, 1, M, dv)
+        O  (G, N, 1, dv) = AvgPool(M, 1)(P2) * M                     (decomposed softmax: the M cancels in the ratio)
+    """
+    g, n, m, d, dv = match.groups, match.n, match.m, match.d, match.dv
+    out_shape = shape(match.output)
+    if out_shape is None or math.prod(out_shape) != g * n * dv:
+        return f"attention output shape {out_shape} does not hold {g}x{n}x{dv} values"
+    b = Builder(gm, match.output)
+    bias = _bias(gm, b, match, 1, g)  # (1, g, M, N) keys-first
+    if isinstance(bias, str):
+        return bias
+    if bias is not None:  # to (G, N, M, 1): queries on channels, keys on H
+        bias = b.call(aten.reshape.default, b.call(aten.permute.default, bias, [1, 3, 2, 0]), [g, n, m, 1])
+    q = b.call(aten.reshape.default, match.q, [g, n, 1, d])
+    q = b.call(aten.mul.Tensor, q, float(match.scale * d))
+    if match.k is not None:
+        k = b.call(aten.reshape.default, match.k, [g, 1, m, d])
+    else:
+        k = b.call(aten.reshape.default, b.call(aten.permute.default, b.call(aten.reshape.default, match.k_t,
+                                                                              [g, d, m]), [0, 2, 1]), [g, 1, m, d])
+    v = b.call(aten.reshape.default, match.v, [g, 1, m, dv])
+    query_chunk = n if g * n * m * max(d, dv) <= budget else max(1, budget // (g * m * max(d, dv)))
+    outputs = []
+    for n0 in range(0, n, query_chunk):
+        nc = min(query_chunk, n - n0)
+        qc = _slice(b, q, 1, n0, n0 + nc, n)
+        bc = _slice(b, bias, 1, n0, n0 + nc, n)
+        s = b.call(aten.avg_pool2d.default, b.call(aten.mul.Tensor, qc, k), [1, d], [1, d])  # (G, nc, M, 1)
+        if bc is not None:
+            s = b.call(aten.add.Tensor, s, bc)
+        row = b.call(aten.reshape.default, s, [g, 1, nc, m])  # keys on the last axis
+        if keep_softmax:
+            a = b.call(aten.reshape.default, b.call(aten.softmax.int, row, 3), [g, nc, m, 1])
+            o = b.call(aten.avg_pool2d.default, b.call(aten.mul.Tensor, a, v), [m, 1], [m, 1])  # (G, nc, 1, dv)
+            outputs.append(b.call(aten.mul.Tensor, o, float(m)))
+            continue
+        mx = b.call(aten.max_pool2d.default, row, [1, m], [1, m])  # (G, 1, nc, 1)
+        z = b.call(aten.add.Tensor, row, b.call(aten.mul.Tensor, mx, -1.0))
+        neg_z = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, row, -1.0), mx)
+        e = b.call(aten.div.Tensor, b.call(aten.sigmoid.default, z), b.call(aten.sigmoid.default, neg_z))
+        den = b.call(aten.reshape.default, b.call(aten.avg_pool2d.default, e, [1, m], [1, m]), [g, nc, 1, 1])
+        e = b.call(aten.reshape.default, e, [g, nc, m, 1])
+        o = b.call(aten.avg_pool2d.default, b.call(aten.mul.Tensor, e, v), [m, 1], [m, 1])  # (G, nc, 1, dv)
+        outputs.append(b.call(aten.div.Tensor, o, den))
+    o = b.call(aten.reshape.default, _cat(b, outputs, 1), list(out_shape))
+    replace_uses(match.output, o)
+    for dead in dict.fromkeys((match.output, match.anchor)):
+        if not dead.users:
+            gm.graph.erase_node(dead)
+    return _Outcome(g * query_chunk * m * max(d, dv), math.ceil(n / query_chunk), g, query_chunk, "pooled")
 
 
 def _chunking(batch: int, groups: int, n: int, m: int, depth: int, budget: int) -> tuple[int, int]:
