@@ -1,0 +1,346 @@
+"""layout_cleanup (exact, bit-identical): cancel, compose and sink the permutes/reshapes the other passes wrap ops in.
+
+linear_to_conv, layernorm_decompose and friends wrap each op in "to channels-first" / "back" layout chains, so a
+Linear -> GELU -> Linear becomes conv -> P -> gelu -> P^-1 -> conv with P = reshape(B, C, N) + permute(0, 2, 1).
+This pass removes those pairs. Layout ops move elements and never change values, so every rewrite is bit-exact.
+
+1. Chains. A chain is a run of layout ops (reshape/view, permute, transpose, (un)squeeze, flatten, clone) from a
+   source x to a node y. Applying the chain to an index tensor arange(numel(x)).reshape(x.shape) gives its index map
+   M (y = x.flatten()[M]). A chain is replaced by the shortest equivalent: nothing (M is the identity: P^-1 after P),
+   one reshape (M = arange), one permute, or permute+reshape / reshape+permute. Consecutive permutes compose this way;
+   identical layout nodes on the same input are merged.
+2. Sinking. Element-wise ops commute with any layout map: f(L(a), L(b)) = L(f(a, b)), f(L(a), c) = L(f(a, L^-1(c)))
+   for a constant c (permuted at conversion time and shrunk back to its broadcast shape), and f(L(a), b) =
+   L(f(L^-1(b), a)) when the graph already computes L^-1(b) (a residual stream whose LayerNorm reads it channels-first).
+   A connected region of element-wise ops (add, sub, mul, div, max/min, relu, gelu, sigmoid, silu, tanh, erf, sqrt,
+   ...) whose inputs are all L-wrapped, constants or already available as L^-1 is recomputed in the source layout,
+   with L applied once to each of its outputs. It is done when the L chains that die are at least as many as the
+   outputs that need a new L before a non-layout consumer; outputs read by layout ops count zero, since step 1 then
+   cancels them. So conv -> P -> gelu -> P^-1 -> conv becomes conv -> gelu -> conv, and a ViT residual stream stays
+   channels-first from the first LayerNorm to the last.
+Introduces only aten.permute / aten.reshape (fewer than it removes). Run it last, and again after any pass that wraps.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.fx as fx
+
+from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape
+from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
+
+LAYOUT = {
+    aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.permute.default, aten.transpose.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
+    aten.t.default, aten.clone.default, aten.alias.default,
+}
+UNARY = {
+    aten.relu.default, aten.gelu.default, aten.sigmoid.default, aten.silu.default, aten.tanh.default,
+    aten.neg.default, aten.abs.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.reciprocal.default, aten.exp.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.clamp.default, aten.clamp_min.default, aten.leaky_relu.default, aten.hardtanh.default,
+    aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Scalar,
+}
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
+          aten.minimum.default}
+MAX_SWEEPS = 12
+
+
+def is_layout(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT and \
+        (node.target is not aten.clone.default or not node.kwargs.get("memory_format"))
+
+
+def _meta(shape_, dtype) -> torch.Tensor:
+    return torch.empty(shape_, dtype=dtype, device="meta")
+
+
+@register
+class LayoutCleanup(GraphPass):
+    id = "layout_cleanup"
+    exact = True
+    removes = ("aten.permute", "aten.reshape", "aten.transpose")
+    introduces = ("aten.permute", "aten.reshape")
+    summary = "cancel inverse permute/reshape pairs, compose chains, sink layout ops through element-wise regions"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        before = sum(is_layout(n) for n in gm.graph.nodes)
+        chains = regions = 0
+        for _ in range(MAX_SWEEPS):
+            c = self._simplify_chains(gm)
+            r = self._sink_regions(gm)
+            gm.graph.eliminate_dead_code()
+            chains, regions = chains + c, regions + r
+            if not c and not r:
+                break
+        after = sum(is_layout(n) for n in gm.graph.nodes)
+        result.rewrites = chains + regions
+        result.changed = result.rewrites > 0
+        result.notes.append(f"layout ops {before} -> {after} ({chains} chains shortened, {regions} element-wise "
+                            f"regions moved to the source layout)")
+        return result
+
+    # --- 1. chains -------------------------------------------------------------------------------------------------
+    def _simplify_chains(self, gm: fx.GraphModule) -> int:
+        changed = _merge_duplicates(gm)
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or not is_layout(node) or not node.users:
+                continue
+            chain, src = _chain_to(node)
+            xs, ys = shape(src), shape(node)
+            if xs is None or ys is None:
+                continue
+            form = express(xs, ys, index_map(chain, xs))
+            if form is None or len(form) >= len(chain):
+                continue
+            new = _build(gm, node, src, form, node.meta["val"].dtype)
+            replace_uses(node, new)
+            changed += 1
+        return changed
+
+    # --- 2. element-wise regions -----------------------------------------------------------------------------------
+    def _sink_regions(self, gm: fx.GraphModule) -> int:
+        done = 0
+        for seed in list(gm.graph.nodes):
+            if seed.graph is not gm.graph or not is_layout(seed) or not seed.users:
+                continue
+            if any(is_layout(u) for u in seed.users):
+                continue  # not a chain end
+            chain, src = _chain_to(seed)
+            xs, ys = shape(src), shape(seed)
+            if xs is None or ys is None or xs == ys and torch.equal(index_map(chain, xs).flatten(),
+                                                                   torch.arange(math.prod(xs))):
+                continue
+            if self._try_region(gm, seed, src, xs, ys, index_map(chain, xs)):
+                done += 1
+        return done
+
+    def _try_region(self, gm, seed, src, xs, ys, fwd) -> bool:
+        inv = torch.empty(fwd.numel(), dtype=torch.long)
+        inv[fwd.flatten()] = torch.arange(fwd.numel())
+        region: list[fx.Node] = []
+        members: set[fx.Node] = set()
+        plan: dict[fx.Node, list] = {}  # node -> operand plan
+        entry_ends: set[fx.Node] = set()
+        frontier = list(seed.users)
+        while frontier:
+            e = frontier.pop(0)
+            if e in members or not _elementwise(e) or shape(e) != ys:
+                continue
+            ops = self._plan_operands(gm, e, members, xs, ys, fwd, inv)
+            if ops is None:
+                continue
+            region.append(e)
+            members.add(e)
+            plan[e] = ops
+            entry_ends.update(o[1] for o in ops if o[0] == "wrapped")
+            frontier.extend(e.users)
+            for o in ops:  # siblings reading the same wrapped input may join too
+                if o[0] == "wrapped":
+                    frontier.extend(u for u in o[1].users if u not in members)
+        if not region:
+            return False
+        gain = sum(1 for end in entry_ends if all(u in members for u in end.users))
+        cost = 0
+        for e in region:
+            outside = [u for u in e.users if u not in members]
+            if any(not is_layout(u) for u in outside):
+                cost += 1
+        if gain == 0 or cost > gain:
+            return False
+        self._rewrite(gm, region, members, plan, xs, ys, fwd)
+        return True
+
+    def _plan_operands(self, gm, e, members, xs, ys, fwd, inv):
+        ops = []
+        for a in list(e.args):
+            if not isinstance(a, fx.Node):
+                if isinstance(a, (list, tuple)) and any(isinstance(v, fx.Node) for v in a):
+                    return None
+                ops.append(("value", a))
+                continue
+            if a in members:
+                ops.append(("member", a))
+                continue
+            const = get_constant(gm, a)
+            if const is not None:
+                moved = _move_constant(const, xs, ys, fwd)
+                if moved is None:
+                    return None
+                ops.append(("constant", moved))
+                continue
+            if shape(a) != ys:
+                return None
+            if is_layout(a):
+                chain, s = _chain_to(a)
+                if shape(s) == xs and torch.equal(index_map(chain, xs), fwd):
+                    ops.append(("wrapped", a, s))
+                    continue
+            z = _existing_inverse(a, xs, inv)
+            if z is None:
+                return None
+            ops.append(("inverse", z))
+        if any(isinstance(v, fx.Node) for v in e.kwargs.values()):
+            return None
+        return ops
+
+    def _rewrite(self, gm, region, members, plan, xs, ys, fwd) -> None:
+        clones: dict[fx.Node, fx.Node] = {}
+        form = express(xs, ys, fwd)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for e in sorted(region, key=order.get):
+            b = Builder(gm, e)
+            args = []
+            for o in plan[e]:
+                kind = o[0]
+                if kind == "value":
+                    args.append(o[1])
+                elif kind == "member":
+                    args.append(clones[o[1]])
+                elif kind == "constant":
+                    args.append(b.constant(o[1], "layout_const"))
+                elif kind == "wrapped":
+                    args.append(o[2])
+                else:  # an existing L^-1 chain: make sure it is computed before e
+                    _hoist_before(o[1], e, order)
+                    args.append(o[1])
+            clone = b.call(e.target, *args, **e.kwargs)
+            clone.meta["val"] = _meta(xs, e.meta["val"].dtype)
+            clones[e] = clone
+        for e in region:
+            outside = [u for u in e.users if u not in members]
+            if outside:
+                anchor = min(outside, key=lambda u: order.get(u, len(order)))
+                wrapped = _build(gm, anchor, clones[e], form, e.meta["val"].dtype)
+                for u in outside:
+                    u.replace_input_with(e, wrapped)
+        for e in sorted(region, key=order.get, reverse=True):
+            if not e.users:
+                gm.graph.erase_node(e)
+
+
+# --- index maps ------------------------------------------------------------------------------------------------------
+
+def _chain_to(node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    chain = []
+    while is_layout(node):
+        chain.append(node)
+        node = node.args[0]
+    return chain[::-1], node
+
+
+def index_map(chain: list[fx.Node], xs: tuple[int, ...]) -> torch.Tensor:
+    """Flat source index of every element of the chain's output."""
+    idx = torch.arange(math.prod(xs)).reshape(xs)
+    for node in chain:
+        idx = node.target(idx, *node.args[1:], **{k: v for k, v in node.kwargs.items() if k != "memory_format"})
+    return idx
+
+
+def express(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
+    """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout."""
+    xs, ys = tuple(xs), tuple(ys)
+    flat = idx.flatten()
+    base = torch.arange(flat.numel())
+    if torch.equal(flat, base):
+        return [] if xs == ys else [("reshape", list(ys))]
+    a = base.reshape(xs)
+    if len(xs) == len(ys) and len(xs) <= 6:
+        for p in itertools.permutations(range(len(xs))):
+            if tuple(xs[i] for i in p) == ys and torch.equal(a.permute(p), idx):
+                return [("permute", list(p))]
+    if len(xs) <= 6:
+        for p in itertools.permutations(range(len(xs))):
+            t = a.permute(p)
+            if torch.equal(t.reshape(ys), idx):
+                return [("permute", list(p)), ("reshape", list(ys))]
+    if len(ys) <= 6:
+        for p in itertools.permutations(range(len(ys))):
+            mid = [0] * len(ys)
+            for i, d in enumerate(p):
+                mid[d] = ys[i]
+            if math.prod(mid) == flat.numel() and torch.equal(a.reshape(mid).permute(p), idx):
+                return [("reshape", mid), ("permute", list(p))]
+    return None
+
+
+def _build(gm, anchor: fx.Node, x: fx.Node, form: list[tuple], dtype) -> fx.Node:
+    b = Builder(gm, anchor)
+    cur_shape = shape(x)
+    for op, val in form:
+        if op == "reshape":
+            x = b.call(aten.reshape.default, x, list(val))
+            cur_shape = tuple(val)
+        else:
+            x = b.call(aten.permute.default, x, list(val))
+            cur_shape = tuple(cur_shape[i] for i in val)
+        x.meta["val"] = _meta(cur_shape, dtype)
+    return x
+
+
+def _move_constant(const: torch.Tensor, xs, ys, fwd: torch.Tensor) -> torch.Tensor | None:
+    """c' with L(c' broadcast to xs) == c broadcast to ys, shrunk to size 1 along every dim it does not vary on."""
+    try:
+        full = const.expand(ys) if const.dim() <= len(ys) else None
+    except RuntimeError:
+        return None
+    if full is None:
+        return None
+    if const.numel() == 1:
+        return const.reshape([1] * len(xs))
+    moved = torch.empty(math.prod(xs), dtype=const.dtype)
+    moved[fwd.flatten()] = full.reshape(-1)
+    moved = moved.reshape(xs)
+    for d in range(len(xs)):
+        first = moved.narrow(d, 0, 1)
+        if moved.shape[d] > 1 and torch.equal(moved, first.expand_as(moved)):
+            moved = first
+    return moved.contiguous()
+
+
+def _existing_inverse(a: fx.Node, xs, inv: torch.Tensor) -> fx.Node | None:
+    """A layout chain already in the graph that reads `a` and yields L^-1(a) (shape xs)."""
+    stack = [(u, 1) for u in a.users if is_layout(u)]
+    while stack:
+        node, depth = stack.pop()
+        if shape(node) == xs:
+            chain, src = _chain_to(node)
+            if src is a and torch.equal(index_map(chain, shape(a)).flatten(), inv):
+                return node
+        if depth < 3:
+            stack.extend((u, depth + 1) for u in node.users if is_layout(u))
+    return None
+
+
+def _hoist_before(node: fx.Node, anchor: fx.Node, order: dict) -> None:
+    """Moves a layout chain that is placed after `anchor` to just before it (its inputs come earlier)."""
+    chain, _src = _chain_to(node)
+    if order.get(node, -1) < order.get(anchor, -1):
+        return
+    for n in chain:
+        anchor.prepend(n)
+        order[n] = order[anchor] - 0.5
+
+
+def _elementwise(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in UNARY or node.target in BINARY)
+
+
+def _merge_duplicates(gm: fx.GraphModule) -> int:
+    """Identical layout nodes on the same input become one (the wrappers of parallel consumers)."""
+    seen: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if not is_layout(node):
+            continue
+        key = (node.target, node.args[0], repr(node.args[1:]), repr(sorted(node.kwargs.items())))
+        if key in seen:
+            replace_uses(node, seen[key])
+            gm.graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged

@@ -1,0 +1,89 @@
+import timm
+import torch
+import torch.fx as fx
+
+import attn2conv
+from attn2conv.graph import is_op, module_path
+from attn2conv.legality import op_counts
+from attn2conv.passes.layout_cleanup import is_layout
+
+from conftest import rel_error
+
+LAYOUT_KINDS = ("aten.permute", "aten.reshape", "aten.transpose")
+
+
+def _layout_count(gm):
+    return sum(is_layout(n) for n in gm.graph.nodes)
+
+
+def _between(start: fx.Node, stop) -> list[fx.Node]:
+    """Nodes on every path from `start` forward until a node for which stop(node) is true."""
+    seen, stack = [], list(start.users)
+    while stack:
+        n = stack.pop()
+        if n in seen or stop(n) or n.op == "output":
+            continue
+        seen.append(n)
+        stack.extend(n.users)
+    return seen
+
+
+def test_vit_mlp_is_conv_act_conv_and_stream_stays_channels_first():
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    passes = ["layernorm_decompose", "gelu_decompose", "linear_to_conv"]
+    before = attn2conv.convert(model, "trt-safe", x, pipeline=attn2conv.Pipeline(passes))
+    after = attn2conv.convert(model, "trt-safe", x, pipeline=attn2conv.Pipeline(passes + ["layout_cleanup"]))
+    rec = after.report.passes[-1]
+    assert rec.id == "layout_cleanup" and rec.status == "applied" and rec.rel_error == 0.0  # moves bits only
+    assert _layout_count(after.module) * 3 <= _layout_count(before.module)
+    gm = after.module
+    for fc1 in [n for n in gm.graph.nodes if is_op(n, "aten.conv2d") and module_path(n).endswith("mlp.fc1")]:
+        chain = _between(fc1, lambda n: is_op(n, "aten.conv2d") and module_path(n).endswith("mlp.fc2"))
+        assert chain and not any(is_layout(n) for n in chain), [n.name for n in chain if is_layout(n)]
+    # every block-level Add of the residual stream works on (B, C, 1, N)
+    adds = [n for n in gm.graph.nodes if is_op(n, "aten.add") and module_path(n) in ("blocks.0", "blocks.1") and
+            any(is_op(a, "aten.conv2d") for a in n.all_input_nodes)]
+    assert len(adds) == 4 and all(len(n.meta["val"].shape) == 4 for n in adds)
+    assert rel_error(gm(x), model(x)) <= 1e-5
+
+
+class Wrapped(torch.nn.Module):
+    """Token-layout ops between two channels-first convolutions, as other passes leave them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 6, 1), torch.nn.Conv2d(6, 6, 1)
+        self.scale = torch.nn.Parameter(torch.randn(6))
+        self.bias = torch.nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):  # x: (B, 4, 1, N)
+        t = self.a(x).reshape(2, 6, 10).permute(0, 2, 1)  # (B, N, C)
+        t = torch.relu(t * self.scale + self.bias) + 0.5 * t
+        t = t.permute(0, 2, 1).reshape(2, 6, 1, 10)
+        y = self.b(t)
+        return y.permute(0, 2, 3, 1).permute(0, 3, 1, 2).reshape(2, 6, 10).reshape(2, 6, 1, 10)
+
+
+def test_region_with_constants_and_identity_chains():
+    net = Wrapped().eval()
+    x = torch.randn(2, 4, 1, 10)
+    result = attn2conv.convert(net, "trt-safe", x, pipeline=attn2conv.Pipeline(["layout_cleanup"]))
+    counts = op_counts(result.module)
+    assert not any(counts.get(k, 0) for k in LAYOUT_KINDS), counts
+    consts = {n.target: result.module.get_buffer(n.target).shape for n in result.module.graph.nodes
+              if n.op == "get_attr" and "layout_const" in n.target}
+    assert sorted(tuple(s) for s in consts.values()) == [(1, 6, 1, 1)] * 2  # per-channel, not per element
+    assert torch.equal(result.module(x), net(x))
+
+
+def test_chain_that_is_not_an_inverse_stays():
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x.permute(0, 2, 1)).reshape(2, -1)
+
+    net = Net()
+    x = torch.randn(2, 3, 5)
+    result = attn2conv.convert(net, "trt-safe", x, pipeline=attn2conv.Pipeline(["layout_cleanup"]))
+    assert op_counts(result.module)["aten.permute"] == 1
+    assert torch.equal(result.module(x), net(x))
