@@ -117,10 +117,13 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
         return f"softmax over dim {dim}, not over the last (key) axis"
     if is_op(node, "aten._softmax") and node.args[2]:
         return "softmax with half_to_float"
+    dtype = arg(node, 2, "dtype") if is_op(node, "aten.softmax") else None
+    if dtype is not None and dtype != x.meta["val"].dtype:
+        return f"softmax casts to {dtype}"
     # Down: probabilities -> (neutral ops, leading-dim reshapes) -> matmul(probs, v).
     probs, av = node, None
     while True:
-        users = list(probs.users)
+        users = [u for u in probs.users if not is_assert(u)]
         if len(users) != 1:
             return f"softmax output has {len(users)} users; attention needs exactly one (the matmul with v)"
         user = users[0]
@@ -271,6 +274,11 @@ def replay_chain(match: AttentionMatch, scores_value: torch.Tensor, gm: fx.Graph
         if value is _MISSING:
             return None
     return value
+
+
+def is_assert(node: fx.Node) -> bool:
+    """torch.export's metadata assertions (aten._assert_tensor_metadata ...): checks, not uses of a value."""
+    return node.op == "call_function" and op_kind(node).split(".")[-1].startswith("_assert")
 
 
 def is_getitem(node: fx.Node) -> bool:

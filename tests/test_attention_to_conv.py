@@ -1,0 +1,223 @@
+"""attention_to_conv: every attention form rewritten to Mul/Conv (no MatMul, no SDPA, no Softmax on trt-safe) with the
+same outputs; timm models through attn2conv.convert; misses and the plain-TensorRT no-op."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import attn2conv
+from attn2conv.capture import capture
+from attn2conv.graph import refresh_shapes
+from attn2conv.legality import op_counts
+from attn2conv.pass_infra import PassContext, get_pass
+from attn2conv.targets import resolve_target
+
+from conftest import rel_error
+
+ATTENTION_OPS = ("aten.matmul", "aten.bmm", "aten.scaled_dot_product_attention", "aten.einsum")
+
+
+def run_pass(model, x, target="trt-safe", **options):
+    """(reference output, rewritten module, PassResult) for attention_to_conv alone."""
+    gm = capture(model, (x,))
+    ref = gm(x)
+    ctx = PassContext(example_inputs=(x,), profile=resolve_target(target) if target else None,
+                      options={"attention_to_conv": options})
+    result = get_pass("attention_to_conv")().run(gm, ctx)
+    gm.recompile()
+    refresh_shapes(gm, (x,))
+    return ref, gm, result
+
+
+def assert_exact(model, x, target="trt-safe", rewrites=1, **options):
+    ref, gm, result = run_pass(model, x, target, **options)
+    assert result.rewrites == rewrites, result.misses
+    counts = op_counts(gm)
+    assert not any(counts.get(op) for op in ATTENTION_OPS), counts
+    if target == "trt-safe":  # Softmax is not in the safety scope: decomposed
+        assert not counts.get("aten.softmax") and not counts.get("aten._softmax"), counts
+        assert counts["aten.sigmoid"] >= 2 * rewrites  # two per chunk
+    for probe in (x, torch.randn_like(x) * 3):
+        assert rel_error(gm(probe), model(probe)) <= 1e-5
+    return gm, result
+
+
+class Sdpa(torch.nn.Module):
+    def __init__(self, dim=16, heads=2, mask=None, causal=False):
+        super().__init__()
+        self.qkv, self.heads, self.causal = torch.nn.Linear(dim, 3 * dim), heads, causal
+        if mask is not None:
+            self.register_buffer("mask", mask)
+        else:
+            self.mask = None
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        return o.transpose(1, 2).reshape(b, n, c)
+
+
+class Manual(torch.nn.Module):
+    """softmax(q @ k^T * scale + bias) @ v with an optional learned bias table and a -inf masked_fill."""
+
+    def __init__(self, dim=16, heads=2, n=9, bias=False, mask=None, scale_after=True):
+        super().__init__()
+        self.q, self.kv, self.heads, self.scale_after = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), \
+            heads, scale_after
+        self.bias = torch.nn.Parameter(torch.randn(heads, n, n)) if bias else None
+        self.register_buffer("mask", mask if mask is not None else torch.zeros(0, dtype=torch.bool))
+
+    def forward(self, x, kv_tokens=None):
+        b, n, c = x.shape
+        kv_tokens = x if kv_tokens is None else kv_tokens
+        m = kv_tokens.shape[1]
+        d = c // self.heads
+        q = self.q(x).reshape(b, n, self.heads, d).transpose(1, 2)
+        k, v = self.kv(kv_tokens).reshape(b, m, 2, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.scale_after:
+            attn = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+        else:
+            attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+        if self.bias is not None:
+            attn = attn + self.bias.unsqueeze(0)
+        if self.mask.numel():
+            attn = attn.masked_fill(self.mask, float("-inf"))
+        attn = attn.softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def test_sdpa():
+    assert_exact(Sdpa().eval(), torch.randn(2, 9, 16))
+
+
+def test_sdpa_kept_softmax_on_dla():
+    gm, result = assert_exact(Sdpa().eval(), torch.randn(2, 9, 16), target="dla")
+    assert op_counts(gm)["aten.softmax"] == 1
+    assert "softmax kept" in result.notes[-1]
+
+
+def test_sdpa_with_bool_mask_and_causal():
+    mask = torch.rand(9, 9) > 0.3
+    mask.fill_diagonal_(True)  # every query keeps at least one key
+    assert_exact(Sdpa(mask=mask).eval(), torch.randn(1, 9, 16))
+    assert_exact(Sdpa(causal=True).eval(), torch.randn(1, 9, 16))
+
+
+@pytest.mark.parametrize("scale_after", [True, False])
+def test_manual_softmax(scale_after):
+    assert_exact(Manual(scale_after=scale_after).eval(), torch.randn(2, 9, 16))
+
+
+def test_manual_with_additive_bias():
+    _, result = assert_exact(Manual(bias=True).eval(), torch.randn(2, 9, 16))
+    assert not result.misses
+
+
+def test_manual_with_masked_fill():
+    mask = torch.rand(9, 9) > 0.7
+    mask.fill_diagonal_(False)
+    assert_exact(Manual(bias=True, mask=mask).eval(), torch.randn(1, 9, 16))
+
+
+def test_reduced_keys_pvt_style():
+    class Reduced(Manual):
+        def forward(self, x):  # keys and values from 2x-pooled tokens: M = N / 2 (+ cls)
+            pooled = F.avg_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
+            return super().forward(x, pooled)
+
+    assert_exact(Reduced().eval(), torch.randn(2, 12, 16))
+
+
+def test_class_attention_cait_style():
+    class ClassAttention(Manual):
+        def forward(self, x):  # one query (the class token) over all tokens
+            return super().forward(x[:, :1], x)
+
+    assert_exact(ClassAttention().eval(), torch.randn(2, 9, 16))
+
+
+def test_chunking_stays_exact_and_reports_peak():
+    model, x = Sdpa(dim=32, heads=4).eval(), torch.randn(1, 17, 32)
+    full = 4 * 8 * 17 * 17
+    gm, result = assert_exact(model, x, max_broadcast_elems=full // 6)
+    assert any("chunks" in note for note in result.notes)
+    assert op_counts(gm)["aten.cat"] >= 2
+    peak = int(result.notes[-1].split("peak broadcast tensor ")[1].split()[0])
+    assert peak <= full // 6
+
+
+def test_trt_target_left_alone():
+    _, gm, result = run_pass(Sdpa().eval(), torch.randn(1, 9, 16), target="trt")
+    assert not result.changed and "accepts MatMul" in result.notes[0]
+    assert op_counts(gm)["aten.scaled_dot_product_attention"] == 1
+
+
+def test_miss_says_why():
+    class KeysOnDim2(torch.nn.Module):
+        def forward(self, x):
+            return (x @ x.transpose(-2, -1)).softmax(dim=-2) @ x
+
+    _, _, result = run_pass(KeysOnDim2().eval(), torch.randn(1, 5, 4))
+    assert result.rewrites == 0
+    assert "not over the last (key) axis" in result.misses[0]
+
+
+def _timm_fused(fused):
+    old = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(fused)
+    return old
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_deit_tiny_cls_token(fused):
+    old = _timm_fused(fused)
+    try:
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    finally:
+        timm.layers.set_fused_attn(old)
+    assert_exact(model, torch.randn(1, 3, 64, 64), rewrites=2)
+
+
+def _convert_and_check(model, x):
+    result = attn2conv.convert(model, target="trt-safe", example_inputs=(x,))
+    record = next(p for p in result.report.passes if p.id == "attention_to_conv")
+    assert record.rewrites > 0
+    bad = [op for op in result.report.illegal_ops if op["onnx_op"] in ("MatMul", "Gemm", "Einsum", "Softmax")]
+    assert not bad, bad
+    counts = op_counts(result.module)
+    assert not any(counts.get(op) for op in ATTENTION_OPS), counts
+    for probe in (x, torch.randn_like(x)):
+        assert rel_error(result.module(probe), model(probe)) <= 1e-4
+    return result
+
+
+def test_convert_deit_tiny_trt_safe():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2).eval()
+    _convert_and_check(model, torch.randn(1, 3, 224, 224))
+
+
+def test_convert_pvt_v2_small_config_trt_safe():
+    model = timm.models.pvt_v2.PyramidVisionTransformerV2(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128),
+                                                          num_heads=(1, 2, 4, 8), num_classes=10).eval()
+    result = _convert_and_check(model, torch.randn(1, 3, 64, 64))
+    assert next(p for p in result.report.passes if p.id == "attention_to_conv").rewrites == 4
+
+
+def test_hf_vit_eager_attention():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=32, patch_size=8, attn_implementation="eager")
+    model = transformers.ViTModel(cfg).eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(pixel_values=x).last_hidden_state
+
+    assert_exact(Wrap().eval(), torch.randn(1, 3, 32, 32))
