@@ -157,12 +157,10 @@ def _file_model(path: Path, factory: str, kwargs: dict[str, Any]):
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if not dims or any(d <= 0 for d in dims):
+    if not re.fullmatch(r"\s*\d+(\s*[,x]\s*\d+)*\s*", text):
+        raise UsageError(f"--input-shape {text!r}: give positive integers such as 1,3,224,224")
+    dims = tuple(int(p) for p in re.split(r"[,x]", text))
+    if any(d <= 0 for d in dims):
         raise UsageError(f"--input-shape {text!r}: give positive integers such as 1,3,224,224")
     return dims
 
@@ -231,6 +229,7 @@ class ConvertTool:
         import torch
 
         from attn2conv.convert import convert
+        from attn2conv.errors import CaptureError
         from attn2conv.export import validate_destination
         from attn2conv.targets import resolve_target
 
@@ -247,8 +246,12 @@ class ConvertTool:
         written = _Written([out, out.with_name(out.name + ".data"), out.with_name(out.name + ".cert.json"),
                             report_path])
         with written.removed_on_error():
-            result = convert(model, target=profile, example_inputs=inputs, fidelity=args.fidelity,
-                             export=out, progress=progress)
+            try:
+                result = convert(model, target=profile, example_inputs=inputs, fidelity=args.fidelity,
+                                 export=out, progress=progress)
+            except CaptureError as exc:
+                given = f"--input-shape {args.input_shape}" if shape else "the default input shape"
+                raise CaptureError(f"{exc} (with {given}; does the model accept it?)") from None
             total = progress.done()
             result.report.extra["spec"] = args.spec
             result.report.extra["stage_seconds"] = {k: round(v, 3) for k, v in progress.times}

@@ -97,10 +97,10 @@ def validate_destination(path: str | os.PathLike, suffix: str = ".onnx") -> Path
     """Fails early (ExportError) when `path` cannot receive the model: wrong suffix, a folder, a missing or
     unwritable folder. Tries a real temporary file, as permission bits do not tell the whole story (root, ACLs)."""
     dest = Path(path)
-    if suffix and dest.suffix.lower() != suffix:
-        raise ExportError(f"{dest}: the output file name must end in {suffix}")
     if dest.is_dir():
         raise ExportError(f"{dest} is a folder; give a file name such as {dest / ('model' + suffix)}")
+    if suffix and dest.suffix.lower() != suffix:
+        raise ExportError(f"{dest}: the output file name must end in {suffix}")
     parent = dest.parent
     if not parent.exists():
         raise ExportError(f"cannot write {dest}: the folder {parent} does not exist")

@@ -1,0 +1,205 @@
+"""ONNX export: parity with torch through ONNX Runtime, provenance after the clean-up, certification, atomic writes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto as T
+from onnx import helper as h
+
+import attn2conv
+from attn2conv import export as ex
+from attn2conv.check import check
+from attn2conv.check.cli import main as check_main
+from attn2conv.export import ExportError, export_onnx
+
+timm = pytest.importorskip("timm")
+
+VIT_KW = dict(depth=2, img_size=64, pretrained=False)
+
+
+def ort_run(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def rel(y, ref) -> float:
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def small_vit():
+    return timm.create_model("deit_tiny_patch16_224", **VIT_KW).eval()
+
+
+def conv_bn_relu_net():
+    """timm RepVGG-A0 without its pooled classifier head: Conv/BN/ReLU (and re-parameterisable branches) only."""
+    return timm.create_model("repvgg_a0", pretrained=False, num_classes=0, global_pool="").eval()
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def scopes(node: onnx.NodeProto) -> str | None:
+    return {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+
+
+@pytest.fixture(scope="module")
+def converted_vit(tmp_path_factory):
+    model = small_vit()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
+    result = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), export=path)
+    return model, x, ref, path, result
+
+
+def test_converted_vit_matches_torch_in_onnx_runtime(converted_vit):
+    model, x, ref, path, result = converted_vit
+    assert result.onnx_path == str(path) and path.exists()
+    exp = result.report.extra["export"]
+    assert exp["parity"] <= 1e-4 and exp["parity_vs_original"] <= 1e-4 and exp["parity_inputs"] == 2
+    # independently of the report: ONNX Runtime on a fresh input against the untouched original model
+    x2 = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel(ort_run(path, x2), model(x2)) <= 1e-4
+    assert rel(ort_run(path, x), ref) <= 1e-4
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path))
+    assert opset_of(m) == 17  # TensorRT 8.6 (trt-safe-8.6) parses opsets up to 17
+    assert {p.key: p.value for p in m.metadata_props}["attn2conv.target"] == "trt-safe-8.6"
+
+
+def test_converted_vit_keeps_provenance_and_certificate(converted_vit):
+    _, _, _, path, result = converted_vit
+    m = onnx.load(str(path), load_external_data=False)
+    compute = [n for n in m.graph.node if n.op_type != "Constant"]
+    missing = [n.name for n in compute if not scopes(n)]
+    assert not missing, missing[:5]
+    paths = " ".join(scopes(n) for n in compute)
+    for module in ("blocks.0.attn", "blocks.1.attn", "blocks.0.mlp.fc1", "blocks.1.norm2", "head"):
+        assert f"'{module}'" in paths, module
+    # the certificate is the verifier's, for exactly these bytes
+    cert = json.loads(path.with_name(path.name + ".cert.json").read_text())
+    assert cert["verdict"] == result.check.verdict and cert["profile"]["id"] == "trt-safe-8.6"
+    assert cert["model"]["sha256"] == check(path, "trt-safe").model_sha256
+    assert result.certified == (result.check.ok and result.report.extra["export"]["parity_ok"])
+    # whatever still fails names the block it comes from
+    for f in result.check.failing:
+        assert f.module and f.module.startswith(("blocks.", "head", "patch_embed", "norm")), f
+    assert check_main([str(path), "--target", "trt-safe", "--format", "json", "-o", str(path) + ".json"]) == (
+        0 if result.check.ok else 1)
+
+
+@pytest.mark.parametrize("target,profile_id", [("trt-safe", "trt-safe-8.6"), ("dla", "dla-orin-8.6")])
+def test_conv_bn_relu_model_is_certified(tmp_path, target, profile_id):
+    model = conv_bn_relu_net()
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "repvgg.onnx"
+    result = attn2conv.convert(model, target=target, example_inputs=(x,), export=path)
+    assert result.certified is True, result.check.to_text(10)
+    assert result.check.ok and result.check.profile.id == profile_id
+    with torch.no_grad():
+        assert rel(ort_run(path, x), model(x)) <= 1e-4
+    assert json.loads((tmp_path / "repvgg.onnx.cert.json").read_text())["verdict"] == "pass"
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops <= {"Conv", "Relu", "Constant"}, ops  # re-parameterised: one conv per block
+    assert check_main([str(path), "--target", target, "--format", "json", "-o", str(tmp_path / "r.json")]) == 0
+
+
+def test_plain_export_findings_point_at_blocks(tmp_path):
+    """The original model exported the plain way (no passes), through our clean-up: findings name blocks.N."""
+    model = small_vit()
+    info = export_onnx(model, (torch.randn(1, 3, 64, 64),), tmp_path / "plain.onnx", "trt-safe", certify=True)
+    assert info.parity <= 1e-4
+    res = info.check
+    assert not res.ok and info.certificate_path
+    by_op: dict[str, set] = {}
+    for f in res.findings:
+        by_op.setdefault(f.op, set()).add(f.module)
+    assert by_op["Softmax"] == {"blocks.0.attn", "blocks.1.attn"}
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"} <= by_op["MatMul"]
+    assert {"blocks.0.norm1", "blocks.1.norm2", "norm"} <= by_op["LayerNormalization"]
+    assert by_op["Erf"] == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
+    assert all(f.source and ".py:" in f.source for f in res.findings if f.op == "Softmax")
+
+
+def test_opset_follows_the_profile(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    for target, opset in (("trt-safe", 17), ("trt-10", 18)):
+        info = export_onnx(net, (x,), tmp_path / f"{target}.onnx", target)
+        m = onnx.load(info.path)
+        assert opset_of(m) == opset == info.opset
+        assert info.parity <= 1e-5
+        # the down-converted ReduceMean must not keep opset-18 attributes (onnx.checker runs inside export_onnx)
+        assert all(a.name != "noop_with_empty_axes" for n in m.graph.node for a in n.attribute) or opset >= 18
+
+
+def test_external_data_over_the_threshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 1024)  # stands in for 2 GiB
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    info = export_onnx(net, (x,), tmp_path / "big.onnx", "trt-safe", certify=True)
+    assert info.external_data and (tmp_path / "big.onnx.data").exists()
+    assert info.parity <= 1e-5
+    onnx.checker.check_model(str(tmp_path / "big.onnx"), full_check=True)
+    m = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    cert = json.loads((tmp_path / "big.onnx.cert.json").read_text())
+    assert cert["model"]["external_data"][0]["location"] == "big.onnx.data"
+    assert cert["model"]["external_data"][0]["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.cert.json", "big.onnx.data"]
+
+
+def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    dest = tmp_path / "m.onnx"
+
+    def broken(*args, **kwargs):
+        raise onnx.checker.ValidationError("simulated")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(ExportError, match="onnx.checker"):
+        export_onnx(net, (x,), dest, "trt-safe", certify=True)
+    assert list(tmp_path.iterdir()) == []
+    # an existing file is left as it was
+    dest.write_bytes(b"old")
+    with pytest.raises(ExportError):
+        attn2conv.convert(net, "trt-safe", example_inputs=(x,), export=dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and dest.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("bad,msg", [("no/such/dir/m.onnx", "does not exist"), ("m.txt", "must end in .onnx"),
+                                     ("file/m.onnx", "not a folder"), (".", "is a folder")])
+def test_bad_destinations_fail_before_converting(tmp_path, monkeypatch, bad, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match=msg):
+        attn2conv.convert(torch.nn.Conv2d(3, 4, 1), "trt-safe", example_inputs=(torch.randn(1, 3, 4, 4),), export=bad)
+
+
+def test_cleanup_bypasses_identity_drops_dead_nodes_and_keeps_provenance():
+    def node(op, ins, outs, name, scope):
+        n = h.make_node(op, ins, outs, name=name)
+        n.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["", scope, op.lower()]))
+        return n
+
+    nodes = [node("Relu", ["x"], ["a"], "relu", "blocks.0"), node("Identity", ["a"], ["b"], "ident", "blocks.0"),
+             node("Sigmoid", ["b"], ["y"], "sig", "blocks.1"), node("Relu", ["a"], ["dead"], "unused", "blocks.2")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    saved = ex._provenance_by_name(model)
+    cleaned = ex._clean(model)
+    assert ex._restore_provenance(cleaned, saved) == 2
+    assert [(n.op_type, list(n.input)) for n in cleaned.graph.node] == [("Relu", ["x"]), ("Sigmoid", ["a"])]
+    assert [scopes(n) for n in cleaned.graph.node] == [repr(["", "blocks.0", "relu"]), repr(["", "blocks.1", "sigmoid"])]
