@@ -71,6 +71,7 @@ class GeluDecompose(GraphPass):
                 new = _hard(Builder(gm, node), node.args[0], swish=onnx_op == "HardSwish")
             else:
                 continue
+            new.meta["val"] = node.meta.get("val")
             replace_uses(node, new)
             gm.graph.erase_node(node)
             result.rewrites += 1

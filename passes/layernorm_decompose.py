@@ -27,6 +27,9 @@ GroupNorm(1, C) (PoolFormer): `aten.mean(x, [1], keepdim=True)` of a rank-4 tens
 weights 1/C; `aten.pow(x, 2)` becomes `x * x`; `group_norm(x, 1, ...)` becomes channel mean by Conv followed by an
 AveragePool over the whole (static) H x W map, for the mean and for the variance.
 
+Any other mean (global average pooling over tokens or over H x W, e.g. the Swin/ConvNeXt heads) becomes, where the
+target flags ReduceMean, a Transpose + Reshape to (1, kept, 1, reduced) and an AveragePool over the reduced axis.
+
 Numbers: the Conv sums in a different order from PyTorch's LayerNorm kernel, so outputs differ by float rounding
 (ViT-S blocks: ~1e-6 relative; the pipeline guard bounds it at 1e-4).
 Options (ctx.option("layernorm_decompose", key)): keep_legal (True), fold_affine (True), mean ("auto" | "conv" |
@@ -34,6 +37,7 @@ Options (ctx.option("layernorm_decompose", key)): keep_legal (True), fold_affine
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -80,6 +84,9 @@ class LayerNormDecompose(GraphPass):
                 if modes is None or modes["mean"] != "conv":
                     continue
                 reason = self._channel_mean(gm, node)
+            elif is_op(node, "aten.mean") and node.target == aten.mean.dim and onnx_cost(ctx.profile, ["ReduceMean"]) > \
+                    onnx_cost(ctx.profile, ["AveragePool", "Transpose", "Reshape"]):
+                reason = self._pooled_mean(gm, node)
             elif is_op(node, "aten.pow") and len(node.args) > 1 and node.args[1] == 2 and \
                     isinstance(node.args[0], fx.Node) and onnx_cost(ctx.profile, ["Pow"]) > 0:
                 b = Builder(gm, node)
@@ -125,6 +132,7 @@ class LayerNormDecompose(GraphPass):
         if not fold:
             y4 = _affine(b, y4, gamma, beta, c)
         y = back(y4)
+        y.meta["val"] = out.meta.get("val")  # a later rewrite in this sweep may read the shape
         replace_uses(out, y)
         if fold:
             _fold_affine_into_linears(gm, y, gamma, beta)
@@ -181,6 +189,29 @@ class LayerNormDecompose(GraphPass):
         c = shape(x)[1]
         b = Builder(gm, node)
         replace_uses(node, _channel_mean_conv(b, x, c, 1.0 / c, 0.0))
+        gm.graph.erase_node(node)
+        return None
+
+
+    # --- other means (global average pooling over tokens or H x W) ------------------------------------------------
+    def _pooled_mean(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        x = node.args[0]
+        xs = shape(x)
+        if xs is None or node.kwargs.get("dtype") is not None:
+            return "input shape unknown"
+        dims = sorted({d % len(xs) for d in (node.args[1] if isinstance(node.args[1], (list, tuple))
+                                               else [node.args[1]])})
+        kept = [d for d in range(len(xs)) if d not in dims]
+        n_red = math.prod(xs[d] for d in dims)
+        n_kept = math.prod(xs[d] for d in kept)
+        b = Builder(gm, node)
+        # kept dims to the front, reduced ones to the back: (1, kept, 1, reduced) -> AveragePool(1 x reduced)
+        y = x if kept + dims == list(range(len(xs))) else b.call(aten.permute.default, x, kept + dims)
+        y = b.call(aten.reshape.default, y, [1, n_kept, 1, n_red])
+        y = b.call(aten.avg_pool2d.default, y, [1, n_red], [1, n_red])
+        y = b.call(aten.reshape.default, y, list(shape(node)))
+        y.meta["val"] = node.meta.get("val")
+        replace_uses(node, y)
         gm.graph.erase_node(node)
         return None
 
@@ -276,5 +307,6 @@ def _fold_affine_into_linears(gm: fx.GraphModule, y: fx.Node, gamma, beta) -> No
         w_c = b.constant(new_w.to(w.dtype), "ln_folded_weight", trainable=True)
         b_c = b.constant(new_b.to(w.dtype), "ln_folded_bias", trainable=True)
         new = b.call(aten.linear.default, y, w_c, b_c)
+        new.meta["val"] = lin.meta.get("val")
         replace_uses(lin, new)
         gm.graph.erase_node(lin)
