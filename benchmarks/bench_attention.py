@@ -1,0 +1,175 @@
+"""ONNX Runtime CPU latency and peak memory of a ViT before and after the exact attention -> convolution rewrite.
+
+    .venv/bin/python benchmarks/bench_attention.py                      # DeiT-S, batch 1, 224x224
+    .venv/bin/python benchmarks/bench_attention.py --model swin_tiny_patch4_window7_224 --repeats 5
+
+Variants, exported with attn2conv.export.export_onnx (torch.onnx dynamo) and run side by side in one process:
+  original        the captured model (MatMul + Softmax attention)
+  attention-only  only attention_to_conv for trt-safe (isolates the cost of the conv-only attention core)
+  converted       attn2conv.convert(model, target="trt-safe"): the whole exact pipeline (conv-only model)
+Latency: after warm-up, `--repeats` rounds; in each round every variant runs `--iters` times and the round's median
+is kept; the reported figure is the median over rounds (rounds interleave the variants, so load from other processes
+hits all of them alike). Peak memory: the peak RSS of a fresh process that loads the ONNX file into an ORT session and
+runs it three times (VmHWM), minus the same process's RSS before the session was created.
+Results go to benchmarks/results/attention.json (random weights: pretrained=False).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "attention.json"
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _memory_probe(path: str, threads: int, shape: list[int]) -> None:
+    """Child-process mode: prints the RSS growth (MiB) caused by loading and running `path`."""
+    import onnxruntime  # noqa: F401  (imported before the baseline is taken)
+
+    base = _status_kib("VmRSS")
+    sess = _session(path, threads)
+    feed = {sess.get_inputs()[0].name: np.random.randn(*shape).astype(np.float32)}
+    for _ in range(3):
+        sess.run(None, feed)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak / 1024, "session_growth_mib": (peak - base) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    """From /proc/self/status; unlike ru_maxrss, VmHWM is not inherited from the forking parent across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _export(module, x, path: str) -> None:
+    from attn2conv.export import export_onnx
+
+    export_onnx(module, (x,), path, target="trt-safe", parity=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=None, help="attention_to_conv max_broadcast_elems")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--memory-probe", nargs=2, metavar=("ONNX", "SHAPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_probe:
+        _memory_probe(args.memory_probe[0], args.threads, json.loads(args.memory_probe[1]))
+        return
+
+    import timm
+    import torch
+
+    import attn2conv
+    from attn2conv.capture import capture
+    from attn2conv.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    x = torch.randn(1, 3, args.img_size, args.img_size)
+    options = {"attention_to_conv": {"max_broadcast_elems": args.budget}} if args.budget else {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_attention_"))
+    variants: dict[str, dict] = {}
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        reference = model(x).numpy()
+        modules = {"original": capture(model, (x,))}
+        attn_only = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), options=options,
+                                      pipeline=Pipeline(["attention_to_conv"]))
+        modules["attention-only"] = attn_only.module
+        converted = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), options=options)
+        modules["converted"] = converted.module
+    print(f"converted in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    notes = {"attention-only": [n for p in attn_only.report.passes for n in p.notes],
+             "converted": [f"{p.id}: {p.rewrites} rewrites" for p in converted.report.passes]}
+    illegal = {"converted": [f"{o['onnx_op']} ({o['severity']})" for o in converted.report.illegal_ops]}
+
+    sessions = {}
+    for name, module in modules.items():
+        path = str(tmp / f"{name}.onnx")
+        _export(module, x, path)
+        sessions[name] = _session(path, args.threads)
+        out = sessions[name].run(None, {sessions[name].get_inputs()[0].name: x.numpy()})[0]
+        err = float(np.abs(out - reference).max() / np.abs(reference).max())
+        variants[name] = {"onnx": path, "rel_error_vs_torch": err, "nodes": _node_count(path)}
+
+    feeds = {n: {s.get_inputs()[0].name: x.numpy()} for n, s in sessions.items()}
+    for name, sess in sessions.items():
+        for _ in range(args.warmup):
+            sess.run(None, feeds[name])
+    rounds: dict[str, list[float]] = {n: [] for n in sessions}
+    for _ in range(args.repeats):
+        for name, sess in sessions.items():
+            times = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                sess.run(None, feeds[name])
+                times.append(time.perf_counter() - t0)
+            rounds[name].append(statistics.median(times) * 1e3)
+    for name in sessions:
+        v = variants[name]
+        v["latency_ms_median"] = statistics.median(rounds[name])
+        v["latency_ms_rounds"] = [round(t, 2) for t in rounds[name]]
+        probe = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--memory-probe",
+                                v["onnx"], json.dumps(list(x.shape))], capture_output=True, text=True, check=True)
+        v.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+        del v["onnx"]
+    base = variants["original"]["latency_ms_median"]
+    for v in variants.values():
+        v["latency_vs_original"] = v["latency_ms_median"] / base
+
+    import onnxruntime
+
+    result = {
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_attention.py", *sys.argv[1:]]),
+        "model": args.model, "input": [1, 3, args.img_size, args.img_size], "weights": "random (pretrained=False)",
+        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(), "repeats": args.repeats, "iters_per_round": args.iters,
+        "variants": variants, "notes": notes, "remaining_illegal_ops": illegal,
+    }
+    out_path = Path(args.out)
+    existing = json.loads(out_path.read_text()) if out_path.exists() else {}
+    existing[args.model] = result
+    out_path.write_text(json.dumps(existing, indent=2) + "\n")
+    for name, v in variants.items():
+        print(f"{name:15s} {v['latency_ms_median']:8.2f} ms  x{v['latency_vs_original']:.2f}  "
+              f"+{v['session_growth_mib']:.0f} MiB  rel.err {v['rel_error_vs_torch']:.1e}  {v['nodes']} nodes")
+
+
+def _node_count(path: str) -> int:
+    import onnx
+
+    return len(onnx.load(path, load_external_data=False).graph.node)
+
+
+if __name__ == "__main__":
+    main()
