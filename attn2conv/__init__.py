@@ -27,6 +27,7 @@ _LAZY = {
     "all_passes": "attn2conv.pass_infra",
     "ConversionReport": "attn2conv.report",
     "check": "attn2conv.check",
+    "distill": "attn2conv.distill",
     "CheckResult": "attn2conv.check",
     "resolve_target": "attn2conv.targets",
     "list_targets": "attn2conv.targets",
