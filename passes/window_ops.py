@@ -117,6 +117,8 @@ def _index(gm, b: Builder, node: fx.Node, xs) -> fx.Node | str:
     if len(live) != 1:
         return "advanced indexing over several dims"
     d, idx_node = live[0]
+    while isinstance(idx_node, fx.Node) and is_op(idx_node, "aten.lift_fresh_copy", "aten.clone", "aten.alias"):
+        idx_node = idx_node.args[0]  # torch.tensor([...]) literals arrive as a copy of a lifted constant
     idx = get_constant(gm, idx_node)
     if idx is None or idx.dim() != 1 or idx.dtype == torch.bool or idx.numel() == 0:
         return "indices are not a constant 1-D integer tensor"
