@@ -221,3 +221,15 @@ def test_hf_vit_eager_attention():
             return self.model(pixel_values=x).last_hidden_state
 
     assert_exact(Wrap().eval(), torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_swin_window_attention_with_relative_bias_and_shift_mask(fused):
+    """sdpa with attn_mask (fused) and the eager view -> +mask -> view chain; rel-pos bias and mask fold to buffers."""
+    old = _timm_fused(fused)
+    try:
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(2, 4),
+                                  embed_dim=32, img_size=56, window_size=7).eval()
+    finally:
+        timm.layers.set_fused_attn(old)
+    assert_exact(model, torch.randn(1, 3, 56, 56), rewrites=4)
