@@ -17,7 +17,9 @@ sigmoid of -a^2 underflows to 0 and the form returns relu(x), which is GELU(x) t
 GELU(approximate='tanh') maps exactly: 0.5 x (1 + tanh(z)) = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
 (Mul, Add, Sigmoid only). Hardswish(x) = x * (6 - relu(6 - relu(x + 3))) / 6 and Hardsigmoid(x) =
 (6 - relu(6 - relu(x + 3))) / 6 (Relu, Mul, Add; the nested relu keeps min(., 6) exact for large x) where the target
-flags HardSwish/HardSigmoid. SiLU exports as Sigmoid * x, legal wherever Sigmoid is, and is left alone.
+flags HardSwish/HardSigmoid. Tanh(x) = 2 sigmoid(2x) - 1 where
+the target flags Tanh more than Sigmoid/Mul/Add (trt-safe; absolute error ~1e-7 near 0, e.g. the HF ViT pooler).
+SiLU exports as Sigmoid * x, legal wherever Sigmoid is, and is left alone.
 Options: form ("auto" | "erf_free" | "keep").
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 class GeluDecompose(GraphPass):
     id = ID
     exact = True
-    removes = ("aten.gelu", "aten.hardswish", "aten.hardsigmoid")
+    removes = ("aten.gelu", "aten.hardswish", "aten.hardsigmoid", "aten.tanh")
     introduces = ("aten.relu", "aten.mul", "aten.add", "aten.div", "aten.sigmoid")
     summary = "GELU (erf) -> Erf-free Relu/Sigmoid/Mul/Add/Div form; GELU(tanh) -> x*sigmoid(2z); hard activations"
 
@@ -64,6 +66,13 @@ class GeluDecompose(GraphPass):
                 else:
                     result.misses.append(f"{where(node)}: unknown approximate={approx!r}")
                     continue
+            elif is_op(node, "aten.tanh"):
+                if form == "keep" or (form == "auto" and onnx_cost(ctx.profile, ["Tanh"]) <=
+                                      onnx_cost(ctx.profile, ["Sigmoid", "Mul", "Add"])):
+                    continue
+                b = Builder(gm, node)
+                sig = b.call(aten.sigmoid.default, b.call(aten.mul.Tensor, node.args[0], 2.0))
+                new = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, sig, 2.0), -1.0)  # tanh(x) = 2 sigmoid(2x) - 1
             elif is_op(node, "aten.hardswish", "aten.hardsigmoid"):
                 onnx_op = "HardSwish" if is_op(node, "aten.hardswish") else "HardSigmoid"
                 if form == "keep" or (form == "auto" and onnx_cost(ctx.profile, [onnx_op]) == 0):

@@ -27,6 +27,7 @@ GroupNorm(1, C) (PoolFormer): `aten.mean(x, [1], keepdim=True)` of a rank-4 tens
 weights 1/C; `aten.pow(x, 2)` becomes `x * x`; `group_norm(x, 1, ...)` becomes channel mean by Conv followed by an
 AveragePool over the whole (static) H x W map, for the mean and for the variance.
 
+adaptive_avg_pool2d whose output size divides H and W becomes a fixed-kernel AveragePool the same way.
 Any other mean (global average pooling over tokens or over H x W, e.g. the Swin/ConvNeXt heads) becomes, where the
 target flags ReduceMean, a Transpose + Reshape to (1, kept, 1, reduced) and an AveragePool over the reduced axis.
 
@@ -55,7 +56,7 @@ class LayerNormDecompose(GraphPass):
     id = ID
     exact = True
     removes = ("aten.layer_norm", "aten.native_layer_norm", "aten.group_norm", "aten.native_group_norm",
-               "aten.mean", "aten.pow")
+               "aten.mean", "aten.pow", "aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d")
     introduces = ("aten.conv2d", "aten.add", "aten.mul", "aten.sqrt", "aten.div", "aten.rsqrt", "aten.mean",
                   "aten.sub", "aten.avg_pool2d", "aten.permute", "aten.reshape")
     summary = "LayerNorm / GroupNorm(1) / channel means -> 1x1 Conv means, Mul, Sqrt, Div (affine folded)"
@@ -87,6 +88,12 @@ class LayerNormDecompose(GraphPass):
             elif is_op(node, "aten.mean") and node.target == aten.mean.dim and onnx_cost(ctx.profile, ["ReduceMean"]) > \
                     onnx_cost(ctx.profile, ["AveragePool", "Transpose", "Reshape"]):
                 reason = self._pooled_mean(gm, node)
+            elif is_op(node, "aten.adaptive_avg_pool1d") and list(node.args[1]) == [1] and \
+                    onnx_cost(ctx.profile, ["ReduceMean"]) > onnx_cost(ctx.profile, ["AveragePool"]):
+                reason = self._pooled_mean(gm, node, dims=[len(shape(node.args[0])) - 1])
+            elif is_op(node, "aten.adaptive_avg_pool2d") and onnx_cost(ctx.profile, ["GlobalAveragePool"]) > \
+                    onnx_cost(ctx.profile, ["AveragePool"]):
+                reason = self._global_pool(gm, node)
             elif is_op(node, "aten.pow") and len(node.args) > 1 and node.args[1] == 2 and \
                     isinstance(node.args[0], fx.Node) and onnx_cost(ctx.profile, ["Pow"]) > 0:
                 b = Builder(gm, node)
@@ -193,14 +200,20 @@ class LayerNormDecompose(GraphPass):
         return None
 
 
+    def _global_pool(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+        """adaptive_avg_pool2d with an output size that divides H, W: a fixed AveragePool (GlobalAveragePool is an
+        IReduce layer, an error on trt-safe and DLA)."""
+        return _global_pool_impl(gm, node)
+
     # --- other means (global average pooling over tokens or H x W) ------------------------------------------------
-    def _pooled_mean(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
+    def _pooled_mean(self, gm: fx.GraphModule, node: fx.Node, dims: list[int] | None = None) -> str | None:
         x = node.args[0]
         xs = shape(x)
         if xs is None or node.kwargs.get("dtype") is not None:
             return "input shape unknown"
-        dims = sorted({d % len(xs) for d in (node.args[1] if isinstance(node.args[1], (list, tuple))
-                                               else [node.args[1]])})
+        if dims is None:  # aten.mean.dim; adaptive_avg_pool1d(x, 1) passes its last dim
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = sorted({d % len(xs) for d in dims})
         kept = [d for d in range(len(xs)) if d not in dims]
         n_red = math.prod(xs[d] for d in dims)
         n_kept = math.prod(xs[d] for d in kept)
@@ -214,6 +227,19 @@ class LayerNormDecompose(GraphPass):
         replace_uses(node, y)
         gm.graph.erase_node(node)
         return None
+
+
+def _global_pool_impl(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    x, out = node.args[0], [int(v) for v in node.args[1]]
+    xs = shape(x)
+    if xs is None or len(xs) != 4 or xs[2] % out[0] or xs[3] % out[1]:
+        return f"output size {out} does not divide the input {xs}"
+    kh, kw = xs[2] // out[0], xs[3] // out[1]
+    y = Builder(gm, node).call(aten.avg_pool2d.default, x, [kh, kw], [kh, kw])
+    y.meta["val"] = node.meta.get("val")
+    replace_uses(node, y)
+    gm.graph.erase_node(node)
+    return None
 
 
 def _choose_modes(ctx: PassContext) -> dict | None:
