@@ -24,8 +24,9 @@ class ConvForm:
     stride: tuple[int, int]
     padding: tuple[int, int]
     groups: int
-    convs: int = 0  # convolution leaves folded into this form
+    convs: int = 0  # convolution (or Linear) leaves folded into this form
     ops: int = 1  # graph nodes this form replaces
+    linear: bool = False  # a Linear on (B, C) features, kept as a Linear: weight is (C_out, C_in, 1, 1)
 
     @property
     def c_out(self) -> int:
@@ -63,6 +64,21 @@ def conv_form(gm: fx.GraphModule, node: fx.Node) -> ConvForm | None:
                     int(arg(node, 6, "groups", 1)), convs=1, ops=1)
 
 
+def linear_form(gm: fx.GraphModule, node: fx.Node) -> ConvForm | None:
+    """A Linear on (B, C) features with constant weights, as a 1x1 ConvForm (its output channel is the last axis)."""
+    if not is_op(node, "aten.linear"):
+        return None
+    x_shape = shape(node.args[0])
+    w = get_constant(gm, node.args[1])
+    bias_node = arg(node, 2, "bias")
+    b = get_constant(gm, bias_node) if bias_node is not None else None
+    if x_shape is None or len(x_shape) != 2 or w is None or (bias_node is not None and b is None):
+        return None
+    w = w.double()[:, :, None, None]
+    b = b.double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return ConvForm(node.args[0], w, b, (1, 1), (0, 0), 1, convs=1, ops=1, linear=True)
+
+
 def identity_form(x: fx.Node, channels: int) -> ConvForm:
     w = torch.ones(channels, 1, 1, 1, dtype=torch.float64)
     return ConvForm(x, w, torch.zeros(channels, dtype=torch.float64), (1, 1), (0, 0), channels, convs=0, ops=0)
@@ -95,6 +111,8 @@ def combine(a: ConvForm, b: ConvForm, alpha: float = 1.0, out_hw: tuple[int, int
     """a + alpha * b as one ConvForm, or the reason it cannot be one."""
     if a.x is not b.x:
         return "branches read different inputs"
+    if a.linear != b.linear:
+        return "a Linear branch and a convolution branch"
     if a.stride != b.stride:
         return f"branches have different strides {a.stride} and {b.stride}"
     if a.c_out != b.c_out or a.c_in != b.c_in:
@@ -107,7 +125,7 @@ def combine(a: ConvForm, b: ConvForm, alpha: float = 1.0, out_hw: tuple[int, int
     )
     weight = align(a, padding, kernel) + alpha * align(b, padding, kernel)
     merged = ConvForm(a.x, weight, a.bias + alpha * b.bias, a.stride, padding, groups, a.convs + b.convs,
-                      a.ops + b.ops + 1)
+                      a.ops + b.ops + 1, a.linear)
     if out_hw is not None and output_hw(merged) != out_hw:
         return f"merged kernel {kernel} with padding {padding} would give a different output size"
     return merged

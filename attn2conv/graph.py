@@ -124,6 +124,8 @@ class Builder:
         with self.gm.graph.inserting_before(self.anchor):
             node = self.gm.graph.call_function(target, args, kwargs)
         copy_provenance(self.anchor, node)
+        if "val" not in node.meta:
+            node.meta["val"] = _fake_value(target, args, kwargs)
         self.created.append(node)
         return node
 
@@ -136,6 +138,33 @@ class Builder:
         node.meta["val"] = tensor
         self.created.append(node)
         return node
+
+
+def _fake_value(target, args, kwargs):
+    """The output's fake tensor, computed from the inputs' meta values, so later rewrites in the same pass see
+    shapes; None when an input has no value (the pipeline re-infers every shape after the pass anyway)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def value(a):
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if v is None:
+                raise LookupError(a.name)
+            return v
+        return a
+
+    try:
+        flat_args = torch.utils._pytree.tree_map(value, (args, kwargs))
+        mode = detect_fake_mode(torch.utils._pytree.tree_leaves(flat_args)) or FakeTensorMode(
+            allow_non_fake_inputs=True)
+        with mode:
+            fake = torch.utils._pytree.tree_map(
+                lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) and not
+                isinstance(t, torch._subclasses.FakeTensor) else t, flat_args)
+            return target(*fake[0], **fake[1])
+    except Exception:  # shape inference is best-effort here
+        return None
 
 
 def add_tensor(gm: fx.GraphModule, module: str, name: str, tensor: torch.Tensor, trainable: bool = False) -> str:

@@ -10,7 +10,8 @@ input x that one convolution can compute:
 
 That covers RepVGG (3x3-BN + 1x1-BN + BN), MobileOne (k over-parameterised kxk-BN branches + 1x1-BN + BN), FastViT
 RepMixer (x + gamma * (mixer(x) - norm(x))) and RepCPE (dwconv(x) + x), RepViT's RepVggDw (BN(conv(x) + conv1(x) + x)),
-ReparamLargeKernelConv (large + small kernel) and Slide-Transformer's fixed shift + learnable depthwise path. Kernels
+ReparamLargeKernelConv (large + small kernel), Slide-Transformer's fixed shift + learnable depthwise path, and
+parallel Linear heads on (B, C) features that are summed or averaged (RepViT/LeViT distillation heads). Kernels
 are zero-padded to the largest one around their centres (offset = merged padding - branch padding), groups are
 reduced to the greatest common divisor, and the sum is done in float64.
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attn2conv.convmath import ConvForm, batchnorm_info, combine, conv_form, identity_form, output_hw, per_channel
+from attn2conv.convmath import (ConvForm, batchnorm_info, combine, conv_form, identity_form, linear_form, output_hw,
+                                per_channel)
 from attn2conv.graph import Builder, aten, get_constant, is_op, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
@@ -56,7 +58,7 @@ class FormAnalysis:
     def _form(self, node: fx.Node) -> ConvForm | str | None:
         if node.op != "call_function":
             return None
-        form = conv_form(self.gm, node)
+        form = conv_form(self.gm, node) or linear_form(self.gm, node)
         if form is not None:
             return form
         bn = batchnorm_info(self.gm, node.args[0]) if node.target.__name__ == "getitem" else None
@@ -92,21 +94,33 @@ class FormAnalysis:
                 return "branch outputs are broadcast against each other"
             merged = combine(fa, fb, alpha, _hw(node))
             return merged
-        if is_op(node, "aten.mul") and len(node.args) == 2:
+        if is_op(node, "aten.mul", "aten.div") and len(node.args) == 2:
             a, b = node.args
             f, c = (self.forms.get(a), b) if a in self.forms else (self.forms.get(b), a)
-            if f is None:
+            if f is None or (is_op(node, "aten.div") and a not in self.forms):
                 return None
             value = get_constant(self.gm, c) if isinstance(c, fx.Node) else c
-            scale = per_channel(value, f.c_out) if value is not None else None
+            scale = self._channel_constant(f, value)
+            if scale is not None and is_op(node, "aten.div"):
+                scale = 1.0 / scale if bool((scale != 0).all()) else None
             return f.scaled(scale) if scale is not None else "multiplier is not a per-channel constant"
         return None
 
 
+    @staticmethod
+    def _channel_constant(form: ConvForm, value) -> torch.Tensor | None:
+        """A constant as one value per output channel: (C,1,1)-style for convs, scalars only for Linears."""
+        if value is None:
+            return None
+        if form.linear:
+            is_scalar = isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+            return per_channel(float(value), form.c_out) if is_scalar else None
+        return per_channel(value, form.c_out)
+
     def _shifted(self, form: ConvForm, c, alpha: float) -> ConvForm | str | None:
         """form + alpha * c for a per-channel constant c (MobileOne adds a literal 0 for a missing branch)."""
         value = get_constant(self.gm, c) if isinstance(c, fx.Node) else c
-        shift = per_channel(value, form.c_out) if value is not None else None
+        shift = self._channel_constant(form, value)
         if shift is None:
             return None
         return form.scaled(torch.ones(form.c_out, dtype=torch.float64), alpha * shift)
@@ -130,20 +144,26 @@ class FoldReparam(GraphPass):
             is_root = _is_output(node) or any(u not in forms or forms[u].x is not form.x for u in node.users)
             if not is_root or form.convs == 0 or form.ops < 2:
                 continue
-            if output_hw(form) != _hw(node):
+            if not form.linear and output_hw(form) != _hw(node):
                 result.misses.append(f"{where(node)}: merged convolution would change the output size")
                 continue
             b = Builder(gm, node)
             wdtype = _weight_dtype(gm, node, form)
-            weight = b.constant(form.weight.to(wdtype), "reparam_weight", trainable=True)
+            weight = form.weight[:, :, 0, 0] if form.linear else form.weight
+            weight = b.constant(weight.to(wdtype), "reparam_weight", trainable=True)
             bias = b.constant(form.bias.to(wdtype), "reparam_bias", trainable=True)
-            conv = b.call(aten.conv2d.default, replaced.get(form.x, form.x), weight, bias, list(form.stride), list(form.padding), [1, 1],
-                          form.groups)
-            replace_uses(node, conv)
-            replaced[node] = conv
+            x = replaced.get(form.x, form.x)
+            if form.linear:
+                merged = b.call(aten.linear.default, x, weight, bias)
+            else:
+                merged = b.call(aten.conv2d.default, x, weight, bias, list(form.stride), list(form.padding), [1, 1],
+                                form.groups)
+            replace_uses(node, merged)
+            replaced[node] = merged
             result.rewrites += 1
-            result.notes.append(f"{where(node)}: {form.convs} conv branch(es) and {form.ops - form.convs} other op(s) "
-                                f"-> conv {tuple(form.weight.shape[2:])} groups={form.groups}")
+            kind = "linear" if form.linear else f"conv {tuple(form.weight.shape[2:])} groups={form.groups}"
+            result.notes.append(f"{where(node)}: {form.convs} branch(es) and {form.ops - form.convs} other op(s) "
+                                f"-> {kind}")
         for node, reason in analysis.misses.items():
             result.misses.append(f"{where(node)}: {reason}")
         result.changed = result.rewrites > 0

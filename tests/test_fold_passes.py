@@ -16,7 +16,9 @@ def _parallel_conv_sums(gm) -> int:
     """add/sub nodes whose two operands are convolutions (possibly behind a BN/mul) over the same input."""
 
     def source(n):
-        while n.op == "call_function" and not is_op(n, "aten.conv2d") and n.args and hasattr(n.args[0], "op"):
+        # walk back only through what fold_reparam folds: BN (and its getitem) and constant multipliers
+        while n.op == "call_function" and n.args and hasattr(n.args[0], "op") and (
+                n.target.__name__ == "getitem" or is_op(n, "aten._native_batch_norm_legit_no_training", "aten.mul")):
             n = n.args[0]
         return n.args[0] if is_op(n, "aten.conv2d") else None
 
@@ -43,7 +45,8 @@ def test_reparam_models_fold_completely(name):
     assert _parallel_conv_sums(result.module) == 0
     for probe in (x, torch.randn(1, 3, 64, 64)):
         assert rel_error(result.module(probe), model(probe)) < 1e-4
-    assert result.report.passes[0].id == "fold_reparam" and result.report.passes[0].rewrites > 0
+    records = {p.id: p for p in result.report.passes}
+    assert records["fold_reparam"].rewrites > 0 and records["fold_reparam"].status == "applied"
 
 
 def test_bn_before_1x1_and_linear_folds_but_not_before_padded_conv():
@@ -81,3 +84,20 @@ def test_bn_before_1x1_and_linear_folds_but_not_before_padded_conv():
     result2 = attn2conv.convert(net2, "trt", torch.randn(1, 4, 6, 6), pipeline=attn2conv.Pipeline(["fold_batchnorm"]))
     record = result2.report.passes[0]
     assert record.rewrites == 0 and "1x1" in record.misses[0]
+
+
+def test_parallel_linear_heads_merge_into_one_linear():
+    class TwoHeads(torch.nn.Module):  # RepViT / LeViT style distillation heads, averaged in eval mode
+        def __init__(self):
+            super().__init__()
+            self.head, self.head_dist = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return (self.head(x) + self.head_dist(x)) / 2
+
+    net = TwoHeads().eval()
+    x = torch.randn(3, 8)
+    result = attn2conv.convert(net, "trt", x, pipeline=attn2conv.Pipeline(["fold_reparam"]))
+    counts = op_counts(result.module)
+    assert counts.get("aten.linear") == 1 and not counts.get("aten.add") and not counts.get("aten.div")
+    assert rel_error(result.module(x), net(x)) < 1e-6
