@@ -110,12 +110,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         plain_export(torch.nn.Conv2d(3, 4, 1).eval(), torch.randn(1, 3, 8, 8), workdir / "warmup.onnx")
-        results = {}
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             results[name] = bench_model(name, args.repeats, args.target, workdir)
+            write(out, args, results, load_before)  # after every model: a long run keeps what it measured
+    for name, r in results.items():
+        print(f"{name}: plain {r['plain_export_median_s']:.1f}s, convert {r['convert_median_s']:.1f}s "
+              f"(overhead {r['overhead'] * 100:+.0f}%, target <= +{TARGET_OVERHEAD * 100:.0f}%), "
+              f"certified {r['certified']}")
+        print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["convert_stage_median_s"].items()))
+    print(f"wrote {out}")
+    return 0
+
+
+def write(out: Path, args, results: dict, load_before) -> None:
     doc = {
         "benchmark": "attn2conv.convert(export=...) end to end vs torch.onnx.export(dynamo=True) of the original",
         "target": args.target,
@@ -127,16 +140,7 @@ def main(argv=None) -> int:
                     "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
         "models": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    for name, r in results.items():
-        print(f"{name}: plain {r['plain_export_median_s']:.1f}s, convert {r['convert_median_s']:.1f}s "
-              f"(overhead {r['overhead'] * 100:+.0f}%, target <= +{TARGET_OVERHEAD * 100:.0f}%), "
-              f"certified {r['certified']}")
-        print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["convert_stage_median_s"].items()))
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
