@@ -19,6 +19,8 @@ _LAZY = {
     "default_example_inputs": "attn2conv.capture",
     "convert": "attn2conv.convert",
     "ConversionResult": "attn2conv.convert",
+    "export_onnx": "attn2conv.export",
+    "ExportError": "attn2conv.export",
     "Pipeline": "attn2conv.pipeline",
     "GraphPass": "attn2conv.pass_infra",
     "PassResult": "attn2conv.pass_infra",
