@@ -27,6 +27,15 @@ def tiny_vit(**kw):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **cfg).eval()
 
 
+def grafted_class(gm, name: str) -> str | None:
+    """The class of the module grafted at `name`, from the provenance of the nodes it produced."""
+    for n in gm.graph.nodes:
+        entry = (n.meta.get("nn_module_stack") or {}).get(name)
+        if entry:
+            return entry[1].rsplit(".", 1)[-1]
+    return None
+
+
 def run_passes(model, x, ids, options=None, calibration=None):
     gm = capture(model, (x,))
     ctx = PassContext(example_inputs=(x,), options=options or {}, calibration=calibration)
@@ -105,7 +114,7 @@ def test_full_fast_pipeline_leaves_no_error_for_trt_safe():
     # the default plan (Next-ViT hybrid, every=3): three CSA blocks then one SRA block
     plan = result.module.meta["attn2conv_plan"]
     assert list(plan.values()) == ["csa", "csa", "csa", "sra"]
-    assert isinstance(result.module.get_submodule("blocks.0.attn_csa"), CSA)
+    assert grafted_class(result.module, "blocks.0.attn_csa") == "CSA"
     # grafted nodes carry the replaced block's provenance plus the new module
     paths = {module_path(n) for n in result.module.graph.nodes if n.op == "call_function"}
     assert "blocks.0.attn_csa" in paths and "blocks.3.attn_sra" in paths
@@ -119,9 +128,10 @@ def test_plan_overrides_by_module_path_and_kinds():
     options = {"attention_to_csa": {"plan": {"blocks.0.attn": "mhca", "blocks.1.attn": "keep"}},
                "attention_to_sra": {"plan": {"blocks.2.attn": "hmhsa", "blocks.3.attn": "lsa"}, "window": 2}}
     gm, res = run_passes(model, x, ["attention_to_csa", "attention_to_sra"], options=options)
-    assert isinstance(gm.get_submodule("blocks.0.attn_mhca"), MHCA)
-    assert isinstance(gm.get_submodule("blocks.2.attn_hmhsa"), HierarchicalAttention)
-    assert isinstance(gm.get_submodule("blocks.3.attn_lsa"), LocallyGroupedAttention)
+    assert grafted_class(gm, "blocks.0.attn_mhca") == "MHCA"
+    assert grafted_class(gm, "blocks.2.attn_hmhsa") == "HierarchicalAttention"
+    assert grafted_class(gm, "blocks.3.attn_lsa") == "LocallyGroupedAttention"
+    assert "blocks.0.attn_mhca.group_conv.weight" in dict(gm.named_parameters())
     assert res["attention_to_csa"].rewrites == 1 and res["attention_to_sra"].rewrites == 2
     # the kept block still has its attention core
     cores = [n for n in nodes_of(gm, "aten.scaled_dot_product_attention") if module_path(n) == "blocks.1.attn"]

@@ -390,7 +390,9 @@ def graft(gm: fx.GraphModule, blk: AttentionBlock, module: torch.nn.Module, kind
     while _has_path(gm, name):
         i += 1
         name = f"{blk.path}_{kind}{i}"
-    gm.add_submodule(name, module)
+    # Parameters and buffers go under plain containers that mirror the module's tree (same state_dict names):
+    # later passes delete tensors they folded away, which would leave a real BatchNorm2d half-built and unprintable.
+    gm.add_submodule(name, _plain_tree(module))
     example = torch.zeros(shape(blk.input), dtype=blk.input.meta["val"].dtype)
     with torch.no_grad():
         ep = torch.export.export(module, (example,), strict=False).run_decompositions({})
@@ -437,6 +439,23 @@ def graft(gm: fx.GraphModule, blk: AttentionBlock, module: torch.nn.Module, kind
         if not node.users:
             gm.graph.erase_node(node)
     return name
+
+
+def _plain_tree(module: torch.nn.Module) -> torch.nn.Module:
+    root = torch.nn.Module()
+    for path, sub in module.named_modules():
+        owner = root
+        for atom in [a for a in path.split(".") if a]:
+            if not hasattr(owner, atom):
+                owner.add_module(atom, torch.nn.Module())
+            owner = getattr(owner, atom)
+        for key, p in sub._parameters.items():
+            if p is not None:
+                owner.register_parameter(key, p)
+        for key, b in sub._buffers.items():
+            if b is not None:
+                owner.register_buffer(key, b)
+    return root
 
 
 def _has_path(gm: fx.GraphModule, name: str) -> bool:
