@@ -21,10 +21,11 @@ blocks `attention_kind` ("sra" | "gsa" | "lsa" | "hmhsa" | "twins" (LSA and GSA 
 are read from both passes' option tables (attention_to_csa's first, then attention_to_sra's), so one plan serves
 both.
 
-**Graft.** The replacement module is registered under the replaced module's path (`blocks.3.attn` ->
-`blocks.3.attn_csa`), its BatchNorm statistics are calibrated on the block's real inputs (recorded on the calibration
-batches), and its forward is exported with torch.export and inlined in the graph, every node carrying the replaced
-block's provenance. Inlined nodes stay visible to the exact passes (fold_batchnorm, attention_to_conv, ...) and to
+**Graft.** The replacement module's parameters and buffers are registered under the replaced module's path
+(`blocks.3.attn` -> `blocks.3.attn_csa.value.weight`, ...), its BatchNorm statistics are calibrated on the block's real
+inputs (one sweep over the calibration batches, in graph order), and its forward is exported with torch.export and
+inlined in the graph, every node carrying the replaced block's provenance plus an `nn_module_stack` entry naming the
+new module and its class. Inlined nodes stay visible to the exact passes (fold_batchnorm, attention_to_conv, ...) and to
 the legality report; the module's parameters stay trainable for distillation.
 """
 from __future__ import annotations

@@ -1,0 +1,159 @@
+"""ONNX Runtime CPU latency, batch 1: DeiT-S after convert(fidelity="fast") vs the original DeiT-S and Swin-T, from
+224x224 to 1024x1024 (AV camera scale), and how each grows with the number of pixels.
+
+    .venv/bin/python benchmarks/bench_fast.py                              # sizes 224 448 1024, trt-safe
+    .venv/bin/python benchmarks/bench_fast.py --sizes 224 1024 --repeats 3 --threads 2
+
+Variants (random weights, pretrained=False; every model exported with attn2conv.export.export_onnx):
+  deit_s            timm deit_small_patch16_224 at img_size=S (MatMul + Softmax attention, LayerNorm, GELU)
+  swin_t            timm swin_tiny_patch4_window7_224 at img_size=S (window 7; window 8 where 7 does not tile the
+                    stages, e.g. 1024: 256/7 is not whole)
+  deit_s_fast       attn2conv.convert(deit_s, --target, fidelity="fast"): 9 CSA blocks + 3 spatial-reduction
+                    attention blocks (keys from a ~7x7 pooled grid), LN -> BN (folded), GELU -> ReLU, then the exact
+                    passes (for trt-safe: conv-only attention cores, no MatMul/Softmax)
+Latency: warm-up, then `--repeats` rounds; each round runs every variant `--iters` times and keeps the round's median;
+the figure is the median over rounds (interleaving spreads the load of other processes over all variants).
+Growth: least-squares fit of log(latency) = a + k log(pixels) over the sizes; k = 1 is linear in pixels, attention's
+N^2 term pushes k towards 2. Results go to benchmarks/results/fast.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "fast.json"
+
+
+def _swin_window(size: int) -> int:
+    stages = [size // 4 // (2 ** i) for i in range(4)]
+    return 7 if all(s % 7 == 0 for s in stages) else 8
+
+
+def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dict]:
+    import timm
+
+    import attn2conv
+    from attn2conv.capture import capture
+    from attn2conv.export import export_onnx
+
+    x = torch.randn(1, 3, size, size)
+    path = out_dir / f"{variant}_{size}.onnx"
+    info: dict = {}
+    start = time.perf_counter()
+    if variant == "swin_t":
+        w = _swin_window(size)
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=size,
+                                  window_size=w).eval()
+        info["window"] = w
+    else:
+        model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=size).eval()
+    if variant == "deit_s_fast":
+        result = attn2conv.convert(model, target, x, fidelity="fast")
+        gm = result.module
+        info["legal"] = result.report.legal
+        info["plan"] = sorted(set(gm.meta.get("attn2conv_plan", {}).values()))
+        info["errors_left"] = [op["onnx_op"] for op in result.report.illegal_ops if op["severity"] == "error"]
+    else:
+        gm = capture(model, (x,))
+    export_onnx(gm, (x,), path, target if variant == "deit_s_fast" else "trt", parity=False)
+    info["build_seconds"] = round(time.perf_counter() - start, 1)
+    info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    return str(path), info
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def measure(paths: dict[str, str], size: int, threads: int, repeats: int, iters: int) -> dict[str, float]:
+    feed = np.random.randn(1, 3, size, size).astype(np.float32)
+    sessions = {k: _session(p, threads) for k, p in paths.items()}
+    name = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    for k, s in sessions.items():
+        s.run(None, {name[k]: feed})  # warm-up
+    rounds: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            times = []
+            for _ in range(iters):
+                t = time.perf_counter()
+                s.run(None, {name[k]: feed})
+                times.append(time.perf_counter() - t)
+            rounds[k].append(statistics.median(times))
+    return {k: statistics.median(v) * 1000 for k, v in rounds.items()}
+
+
+def growth_exponent(sizes: list[int], ms: list[float]) -> float:
+    x = np.log(np.array(sizes, dtype=float) ** 2)
+    y = np.log(np.array(ms))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 1024])
+    ap.add_argument("--target", default="trt-safe")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=["deit_s", "swin_t", "deit_s_fast"])
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    latency: dict[str, dict[int, float]] = {v: {} for v in args.variants}
+    builds: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            paths = {}
+            for v in args.variants:
+                paths[v], builds[v][size] = build(v, size, args.target, Path(tmp))
+                print(f"built {v} @ {size}: {builds[v][size]}", flush=True)
+            ms = measure(paths, size, args.threads, args.repeats, args.iters)
+            for v, t in ms.items():
+                latency[v][size] = t
+            print(f"{size}x{size}: " + ", ".join(f"{v} {t:.1f} ms" for v, t in ms.items()), flush=True)
+            for p in paths.values():
+                for f in Path(tmp).glob(Path(p).name + "*"):
+                    f.unlink()
+    result = {
+        "command": "python benchmarks/bench_fast.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "target": args.target, "threads": args.threads, "repeats": args.repeats, "iters": args.iters,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "load_avg_at_end": os.getloadavg()},
+        "latency_ms": {v: {str(s): round(t, 2) for s, t in d.items()} for v, d in latency.items()},
+        "builds": {v: {str(s): i for s, i in d.items()} for v, d in builds.items()},
+    }
+    if "deit_s_fast" in latency:
+        result["ratio_fast_over"] = {
+            base: {str(s): round(latency["deit_s_fast"][s] / latency[base][s], 3) for s in args.sizes}
+            for base in ("deit_s", "swin_t") if base in latency}
+    if len(args.sizes) >= 2:
+        result["growth_exponent_vs_pixels"] = {v: round(growth_exponent(args.sizes, [d[s] for s in args.sizes]), 3)
+                                               for v, d in latency.items()}
+    result["targets"] = {"ratio_at_224": 0.8, "ratio_at_1024": 0.4}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("latency_ms", "ratio_fast_over", "growth_exponent_vs_pixels")
+                      if k in result}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
