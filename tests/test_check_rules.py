@@ -252,6 +252,91 @@ def b_dla_resize(p, r):
     return bad, good
 
 
+# -- precision rules ---------------------------------------------------------------------------------------------
+
+def _qdq_conv(zero_point=0, w_axis=0, w_scales=8, epilogue_after_q=False, int8_weight_direct=False):
+    """x -> Q -> DQ -> Conv(DQ(int8 W, per-channel)) [-> Relu]: the explicit INT8 form TensorRT consumes."""
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_x"),
+             h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_x")]
+    inits = [init("sx", [], value=0.05), init("zx", [], T.INT8, zero_point), init("w", [8, 4, 3, 3], T.INT8, 3),
+             init("b", [8], value=0.1)]
+    if int8_weight_direct:
+        nodes.append(h.make_node("Conv", ["xd", "w", "b"], ["c"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4))
+    else:
+        inits += [init("sw", [w_scales], value=0.01), init("zw", [w_scales], T.INT8, 0)]
+        nodes += [h.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], name="dq_w", axis=w_axis),
+                  h.make_node("Conv", ["xd", "wd", "b"], ["c"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4)]
+    if epilogue_after_q:  # Conv -> Q -> DQ -> Relu
+        inits.append(init("sc", [], value=0.05))
+        nodes += [h.make_node("QuantizeLinear", ["c", "sc", "zx"], ["cq"], name="q_c"),
+                  h.make_node("DequantizeLinear", ["cq", "sc", "zx"], ["cd"], name="dq_c"),
+                  h.make_node("Relu", ["cd"], ["y"], name="relu0")]
+    else:  # Conv -> Relu -> Q -> DQ: the fusable order
+        inits.append(init("sc", [], value=0.05))
+        nodes += [h.make_node("Relu", ["c"], ["r"], name="relu0"),
+                  h.make_node("QuantizeLinear", ["r", "sc", "zx"], ["rq"], name="q_r"),
+                  h.make_node("DequantizeLinear", ["rq", "sc", "zx"], ["y"], name="dq_r")]
+    return model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", None)], inits, opset=17)
+
+
+def b_qdq_symmetric(p, r):
+    return _qdq_conv(zero_point=3), _qdq_conv()
+
+
+def b_qdq_axis(p, r):
+    return _qdq_conv(w_axis=1, w_scales=4), _qdq_conv()
+
+
+def b_qdq_epilogue(p, r):
+    return _qdq_conv(epilogue_after_q=True), _qdq_conv()
+
+
+def b_int8_unscaled(p, r):
+    return _qdq_conv(int8_weight_direct=True), _qdq_conv()
+
+
+def _fp16_chain(fp32_island=False, conv1x1_fp32=False):
+    """FP16 graph; optionally one Sigmoid (or a plain 1x1 Conv) computed in FP32 between two Casts."""
+    x = vi("x", [1, 4, 8, 8], T.FLOAT16)
+    nodes = [h.make_node("Relu", ["x"], ["a"], name="relu0")]
+    inits = []
+    if fp32_island or conv1x1_fp32:
+        nodes.append(h.make_node("Cast", ["a"], ["a32"], name="to32", to=T.FLOAT))
+        if conv1x1_fp32:
+            inits.append(init("w", [4, 4, 1, 1]))
+            nodes.append(h.make_node("Conv", ["a32", "w"], ["s32"], name="conv1x1", kernel_shape=[1, 1]))
+        else:
+            nodes.append(h.make_node("Sigmoid", ["a32"], ["s32"], name="sigmoid0"))
+        nodes.append(h.make_node("Cast", ["s32"], ["y"], name="to16", to=T.FLOAT16))
+    else:
+        nodes.append(h.make_node("Sigmoid", ["a"], ["y"], name="sigmoid0"))
+    return model(nodes, [x], [vi("y", None, T.FLOAT16)], inits)
+
+
+def b_fp32_compute(p, r):
+    return _fp16_chain(fp32_island=True), _fp16_chain()
+
+
+def _eps_model(eps):
+    nodes = [h.make_node("Add", ["x", "eps"], ["v"], name="add_eps"), h.make_node("Sqrt", ["v"], ["y"], name="sqrt0")]
+    return model(nodes, [vi("x", [1, 4, 8, 8], T.FLOAT16)], [vi("y", None, T.FLOAT16)],
+                 [init("eps", [1], T.FLOAT16, eps)])
+
+
+def b_fp16_eps(p, r):
+    return _eps_model(1e-6), _eps_model(1e-3)
+
+
+def _declared_int8(ranges):
+    m = unary("Relu")
+    h.set_model_props(m, {"attn2conv.precision": "int8", **({"attn2conv.int8.ranges": ranges} if ranges else {})})
+    return m
+
+
+def b_int8_ranges(p, r):
+    return _declared_int8(None), _declared_int8('{"x": 2.5, "y": 2.5}')
+
+
 BUILDERS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("b_")}
 RULES = [(p, r) for p in list_targets() for r in p.rules]
 

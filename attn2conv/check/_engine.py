@@ -146,9 +146,15 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
     graphs = _graphs(model.graph) if has_subgraphs else [model.graph]
     ctx = R.Context(graphs)
 
+    node_order: dict[int, int] | None = None
     for rule, fn in comp.graph_rules:
-        for tensor, values in fn(model, profile, rule.params):
-            out.add(rule, None, values, -1, op="", name="<graph>", tensor=tensor)
+        for where, values in fn(model, profile, rule.params):
+            if isinstance(where, onnx.NodeProto):  # a graph-wide rule that names the node it blames
+                if node_order is None:
+                    node_order = {id(n): i for i, n in enumerate(n for g in graphs for n in g.node)}
+                out.add(rule, where, values, node_order.get(id(where), -1))
+            else:
+                out.add(rule, None, values, -1, op="", name="<graph>", tensor=where)
 
     # -- tensors: evaluate each distinct (type) once; remember where the failing ones are --------------------------
     odd_dtype: dict[str, int] = {}  # tensors with a dtype outside _PLAIN_DTYPES, for op_dtype
@@ -236,6 +242,7 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                     producers[o] = (node, order)
             order += 1
 
+    R.release_tables()  # producer/consumer tables of the precision rules: this model only
     inits = ctx.initializer_names() if tensor_hits else frozenset()
     for rule, tensor, values in tensor_hits:
         prod = producers.get(tensor) if producers else None

@@ -124,6 +124,81 @@ class Context:
         t = self.tensor(name) if name else None
         return t[1] if t else None
 
+    def const_array(self, name: str):
+        """The value of an initializer or Constant output as a numpy array (None if it is not a constant)."""
+        return _graph_tables(self._graphs).const_array(name)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return _graph_tables(self._graphs).producer.get(name)
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return _graph_tables(self._graphs).consumers.get(name, [])
+
+
+class _Tables:
+    """Producers, consumers, constants and element types of a model's graphs, built once per check on demand
+    (only the precision rules need them, and only on graphs that hold FP16, INT8 or Q/DQ)."""
+
+    def __init__(self, graphs: list[onnx.GraphProto]):
+        self.graphs = graphs
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self._const: dict[str, Any] = {}
+        self.types: dict[str, int] = {}
+        for g in graphs:
+            for t in g.initializer:
+                self._const[t.name] = t
+                self.types[t.name] = t.data_type
+            for seq in (g.input, g.output, g.value_info):
+                for v in seq:
+                    if v.type.HasField("tensor_type"):
+                        self.types.setdefault(v.name, v.type.tensor_type.elem_type)
+            for n in g.node:
+                for o in n.output:
+                    self.producer[o] = n
+                for i in n.input:
+                    if i:
+                        self.consumers.setdefault(i, []).append(n)
+                if n.op_type == "Constant":
+                    for a in n.attribute:
+                        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                            self._const[n.output[0]] = a.t
+                            self.types[n.output[0]] = a.t.data_type
+
+    def const_array(self, name: str):
+        t = self._const.get(name)
+        if t is None:
+            return None
+        if not isinstance(t, onnx.TensorProto):
+            return t
+        try:
+            from onnx import numpy_helper
+
+            arr = numpy_helper.to_array(t) if not t.external_data else None
+        except Exception:  # noqa: BLE001 - a malformed tensor is judged elsewhere
+            arr = None
+        self._const[name] = arr
+        return arr
+
+    def is_const(self, name: str) -> bool:
+        return name in self._const
+
+
+_TABLES: dict[int, tuple[Any, _Tables]] = {}
+
+
+def release_tables() -> None:
+    _TABLES.clear()
+
+
+def _graph_tables(graphs: list[onnx.GraphProto]) -> _Tables:
+    key = id(graphs[0])
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not graphs[0]:
+        _TABLES.clear()  # one model at a time
+        hit = _TABLES[key] = (graphs[0], _Tables(graphs))
+    return hit[1]
+
 
 def _input(node: onnx.NodeProto, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
@@ -295,11 +370,94 @@ def dla_resize(ctx, node, attrs, p):
     return None
 
 
+def _scalar_or_none(arr):
+    return None if arr is None else arr.reshape(-1)
+
+
+def qdq_symmetric(ctx, node, attrs, p):
+    """Q/DQ for TensorRT: zero point absent or all zeros; scales finite and strictly positive."""
+    zp = _input(node, 2)
+    if zp:
+        values = ctx.const_array(zp)
+        if values is not None and values.size and (values != 0).any():
+            return {"what": f"zero point {values.reshape(-1)[:4].tolist()} is not 0"}
+    scale = ctx.const_array(_input(node, 1))
+    if scale is not None and scale.size:
+        import numpy as np
+
+        bad = ~np.isfinite(scale) | (scale <= 0)
+        if bad.any():
+            return {"what": f"scale {scale.reshape(-1)[bad.reshape(-1)][:4].tolist()} is not finite and positive"}
+    return None
+
+
+_WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": -1, "Gemm": None}
+
+
+def qdq_axis(ctx, node, attrs, p):
+    """Per-tensor scales for activations; per-channel scales only for constant weights, along the output-channel
+    axis of the operation that uses them (Conv: 0, ConvTranspose: 1, MatMul with a constant B: the last)."""
+    dims = ctx.dims(_input(node, 1))
+    if dims is None or len(dims) == 0 or (len(dims) == 1 and dims[0] == 1):
+        return None
+    if len(dims) > 1:
+        return {"what": f"a rank-{len(dims)} (block) scale; INT8 takes per-tensor or per-channel scales"}
+    data = _input(node, 0)
+    weight = ctx.is_const(data) or _const_through_q(ctx, data)
+    if not weight:
+        return {"what": f"a per-channel scale ({dims[0]} values) on an activation"}
+    out = node.output[0] if node.output else ""
+    users = ctx.consumers(out)
+    if node.op_type == "QuantizeLinear":  # Q on a float weight: look through the DequantizeLinear after it
+        users = [u for d in users if d.op_type == "DequantizeLinear" for u in ctx.consumers(d.output[0])]
+    wdims = ctx.dims(data)
+    rank = len(wdims) if wdims is not None else None
+    axis = attrs.get("axis", 1)
+    if rank is not None and axis < 0:
+        axis += rank
+    for u in users:
+        want = _WEIGHT_AXIS.get(u.op_type, "other")
+        if want == "other" or want is None:
+            continue
+        if want == -1 and rank is not None:
+            want = rank - 1
+        if axis != want:
+            return {"what": f"weight quantized along axis {attrs.get('axis', 1)}; {u.op_type} needs its "
+                            f"output-channel axis {want}"}
+    return None
+
+
+def _const_through_q(ctx, name: str) -> bool:
+    prod = ctx.producer(name)
+    return prod is not None and prod.op_type == "QuantizeLinear" and ctx.is_const(_input(prod, 0))
+
+
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+_EPILOGUE = frozenset({"BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "PRelu"})
+
+
+def qdq_epilogue(ctx, node, attrs, p):
+    """A Q/DQ pair between a weighted op and its bias/BatchNorm/activation: TensorRT fuses Conv + epilogue into one
+    INT8 kernel only when the quantization comes after the epilogue."""
+    src = ctx.producer(_input(node, 0))
+    if src is None or src.op_type not in _WEIGHTED:
+        return None
+    for dq in ctx.consumers(node.output[0] if node.output else ""):
+        if dq.op_type != "DequantizeLinear":
+            continue
+        for u in ctx.consumers(dq.output[0]):
+            bias_add = u.op_type == "Add" and any(ctx.is_const(i) for i in u.input if i != dq.output[0])
+            if u.op_type in _EPILOGUE or bias_add:
+                return {"producer": src.op_type, "after": "bias Add" if bias_add else u.op_type}
+    return None
+
+
 NODE_CHECKS: dict[str, Callable] = {
     "attr_range": attr_range, "attr_in": attr_in, "spatial_dims": spatial_dims, "pad_lt_kernel": pad_lt_kernel,
     "input_const": input_const, "input_absent": input_absent, "outputs_max": outputs_max, "inputs_max": inputs_max,
     "input_dtype_not": input_dtype_not, "axis_in": axis_in, "axis_dim_max": axis_dim_max,
-    "weight_dim_range": weight_dim_range, "dla_resize": dla_resize,
+    "weight_dim_range": weight_dim_range, "dla_resize": dla_resize, "qdq_symmetric": qdq_symmetric,
+    "qdq_axis": qdq_axis, "qdq_epilogue": qdq_epilogue,
 }
 
 
@@ -417,7 +575,129 @@ def graph_float(model: onnx.ModelProto, profile, p):
         yield None, {"dtype": "/".join(hits)}
 
 
-GRAPH_CHECKS: dict[str, Callable] = {"opset": opset, "io_dtype": io_dtype, "graph_float": graph_float}
+_T = onnx.TensorProto
+_NOT_COMPUTE = frozenset({"Cast", "CastLike", "Constant", "QuantizeLinear", "DequantizeLinear", "Shape", "Size",
+                          "Identity"})
+
+
+def _model_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    return [model.graph]
+
+
+def _holds(model: onnx.ModelProto, code: int) -> bool:
+    """Cheap pre-test: does any recorded tensor type (I/O, value_info, initializers) have element type `code`?"""
+    g = model.graph
+    if any(t.data_type == code for t in g.initializer):
+        return True
+    return any(v.type.tensor_type.elem_type == code for seq in (g.input, g.output, g.value_info) for v in seq
+               if v.type.HasField("tensor_type"))
+
+
+def _plain_1x1_conv(tables: _Tables, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Conv":
+        return False
+    attrs = node_attrs(node)
+    w = tables.const_array(_input(node, 1))
+    kernel = attrs.get("kernel_shape") or (list(w.shape[2:]) if w is not None else None)
+    return (kernel is not None and all(k == 1 for k in kernel) and all(v == 1 for v in attrs.get("strides", [1]))
+            and all(v == 0 for v in attrs.get("pads", [0])) and all(v == 1 for v in attrs.get("dilations", [1]))
+            and attrs.get("group", 1) == 1)
+
+
+def fp32_compute(model: onnx.ModelProto, profile, p):
+    """In a graph that computes in FP16, the nodes that still compute in FP32 (a float32 data input), except the
+    documented exception (safety: 1x1 convolutions with stride 1, no padding, no dilation, one group)."""
+    if not _holds(model, _T.FLOAT16):
+        return
+    tables = _graph_tables(_model_graphs(model))
+    for node in model.graph.node:
+        if node.op_type in _NOT_COMPUTE or not node.input or not node.input[0]:
+            continue
+        if tables.types.get(node.input[0]) != _T.FLOAT:
+            continue
+        if p.get("allow_conv1x1") and _plain_1x1_conv(tables, node):
+            continue
+        yield node, {"dtype": "FLOAT"}
+
+
+def fp16_eps(model: onnx.ModelProto, profile, p):
+    """An FP16 constant below FP16's smallest normal (2^-14) added right before a Sqrt, Reciprocal or divisor (the
+    epsilon of a normalisation, as an Add or as the bias of the variance-mean conv)."""
+    if not _holds(model, _T.FLOAT16):
+        return
+    tables = _graph_tables(_model_graphs(model))
+    limit = float(p.get("min_normal", 2.0 ** -14))
+    for node in model.graph.node:
+        if node.op_type in ("Sqrt", "Reciprocal"):
+            denom = _input(node, 0)
+        elif node.op_type == "Div":
+            denom = _input(node, 1)
+        else:
+            continue
+        src = tables.producer.get(denom)
+        if src is None:
+            continue
+        names = list(src.input) if src.op_type == "Add" else (list(src.input[2:3]) if src.op_type == "Conv" else [])
+        for name in names:
+            if tables.types.get(name) != _T.FLOAT16:
+                continue
+            v = tables.const_array(name)
+            if v is None or not v.size:
+                continue
+            a = abs(v.astype("float64")).reshape(-1)
+            small = a[(a > 0) & (a < limit)]
+            if small.size:
+                yield src, {"eps": f"{float(small[0]):.3g}", "user": node.op_type}
+                break
+
+
+def int8_unscaled(model: onnx.ModelProto, profile, p):
+    """INT8 tensors read by anything but a DequantizeLinear: integer data without a scale."""
+    if not _holds(model, _T.INT8):
+        return
+    tables = _graph_tables(_model_graphs(model))
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            continue
+        data = node.input[:1] if node.op_type == "QuantizeLinear" else node.input  # its zero point is INT8 by design
+        for name in data:
+            if name and tables.types.get(name) == _T.INT8:
+                yield node, {"tensor": name}
+                break
+
+
+def int8_ranges(model: onnx.ModelProto, profile, p):
+    """A model declared INT8 without Q/DQ (implicit quantization) must carry a dynamic range for the tensors it
+    quantizes (metadata ``attn2conv.int8.ranges``: JSON {tensor: amax}), each finite, positive, and in the graph."""
+    meta = {m.key: m.value for m in model.metadata_props}
+    if meta.get("attn2conv.precision") != "int8":
+        return
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return  # explicit quantization: the scales are in the graph (and other rules judge them)
+    raw = meta.get(p.get("key", "attn2conv.int8.ranges"))
+    if not raw:
+        yield None, {"what": "no dynamic-range table (metadata attn2conv.int8.ranges)"}
+        return
+    import json
+    import math
+
+    try:
+        ranges = json.loads(raw)
+        assert isinstance(ranges, dict) and ranges
+    except (ValueError, AssertionError):
+        yield None, {"what": "an unreadable dynamic-range table"}
+        return
+    tables = _graph_tables(_model_graphs(model))
+    for name, amax in sorted(ranges.items()):
+        if name not in tables.producer and name not in tables.types:
+            yield name, {"what": f"a range for {name}, which is not a tensor of the graph"}
+        elif not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax <= 0:
+            yield name, {"what": f"range {amax!r} for {name} (must be finite and positive)"}
+
+
+GRAPH_CHECKS: dict[str, Callable] = {"opset": opset, "io_dtype": io_dtype, "graph_float": graph_float,
+                                     "fp32_compute": fp32_compute, "fp16_eps": fp16_eps,
+                                     "int8_unscaled": int8_unscaled, "int8_ranges": int8_ranges}
 OP_LEVEL = frozenset({"op", "op_not_in_matrix", "op_outside_scope", "custom_op"})
 SPECIAL = frozenset({"op_dtype"})  # handled by the engine (needs the profile's op matrix)
 KNOWN_CHECKS = frozenset(NODE_CHECKS) | frozenset(TENSOR_CHECKS) | frozenset(GRAPH_CHECKS) | OP_LEVEL | SPECIAL
