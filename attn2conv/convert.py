@@ -44,6 +44,8 @@ def convert(
     calibration: Any = None,
     progress: Callable[[str], None] | None = None,
     export: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    evaluation: Any = None,
 ) -> ConversionResult:
     """Rewrites `model` for `target` ('trt', 'trt-safe', 'dla', a profile id such as 'trt-safe-8.6', or a profile file).
 
@@ -58,10 +60,27 @@ def convert(
     profile (.check) and writes the certificate next to it ('model.onnx.cert.json'). `.certified` is True when the
     verifier finds nothing at error severity and ONNX Runtime matches torch within rtol. On failure nothing new is left
     at the destination.
+
+    precision='fp16' | 'int8' (needs export=) writes that precision instead (attn2conv.precision): FP16 with overflow
+    checks, or INT8 as explicit Q/DQ (trt, trt-safe) / FP16 graph + dynamic ranges and a TensorRT calibration cache
+    (dla). `calibration` (any iterable of batches; the first 500 samples are used) calibrates INT8; `evaluation`
+    (batches not used for calibration) gives the drift against FP32 in report.extra['precision_report'];
+    options['precision'] holds attn2conv.precision.PrecisionConfig fields (calibrator='max'|'percentile'|'entropy'|
+    'mse', samples, ...).
     """
     from attn2conv.targets import resolve_target
 
     profile = resolve_target(target)
+    if precision != "fp32":  # fail before the expensive part
+        from attn2conv.precision import PRECISIONS, PrecisionConfig
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if export is None:
+            raise ValueError(f"precision={precision!r} writes an ONNX model: give export='model.onnx'")
+        if precision == "int8" and calibration is None:
+            raise ValueError("precision='int8' needs calibration=<iterable of batches> (500 samples are used)")
+        PrecisionConfig.from_options((options or {}).get("precision"))
     if export is not None:  # fail before the expensive part
         from attn2conv.export import validate_destination
 
@@ -88,7 +107,12 @@ def convert(
     report.op_counts_after = dict(op_counts(gm))
     report.illegal_ops = [dataclasses.asdict(op) for op in illegal_ops(gm, profile)]
     result = ConversionResult(module=gm, report=report, example_inputs=inputs)
-    if export is not None:
+    if export is not None and precision != "fp32":
+        from attn2conv.precision import export_with_precision
+
+        export_with_precision(result, export, profile, guard, say, precision, calibration, evaluation,
+                              (options or {}).get("precision"))
+    elif export is not None:
         _export_and_certify(result, export, profile, guard, say)
     return result
 

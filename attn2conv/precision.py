@@ -108,6 +108,8 @@ class PrecisionConfig:
     sensitivity: bool = True
     one_at_a_time_max: int = 24
     top_k: int = 5
+    fp16_rtol: float = 1e-2  # an FP16 export drifting more than this from FP32 is not certified
+    min_top1: float | None = None  # optional bound on INT8/FP16 top-1 agreement for certification
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PrecisionConfig:
@@ -185,7 +187,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def make_feeds(batches: Iterable[Any] | None, model: onnx.ModelProto, samples: int | None = None,
                dtype: Any = np.float32) -> list[dict[str, np.ndarray]]:
-    """Re-batches any iterable of batches to the model's static batch size; at most `samples` samples.
+    """Re-batches any iterable of batches to the model's static batch size; the first `samples` samples, rounded up
+    to whole batches (500 samples at batch 16: 32 batches, 512 samples).
 
     A batch is a tensor/array, a tuple (inputs..., labels) or a dict {input name: array}. The tail that does not
     fill a whole batch is dropped unless it is all there is (then it is padded by repeating its first sample).
@@ -212,7 +215,7 @@ def make_feeds(batches: Iterable[Any] | None, model: onnx.ModelProto, samples: i
                 raise PrecisionError(f"batch for input {names[i]} has shape {tuple(a.shape)}; the model takes "
                                      f"{tuple(want)}")
             pending[i].append(a)
-        have += len(arrays[0])
+        have += len(pending[0][-1])
         while have >= batch and len(feeds) * batch < limit:
             cat = [np.concatenate(p) for p in pending]
             feeds.append({n: c[:batch].astype(dtype, copy=False) for n, c in zip(names, cat)})
@@ -779,6 +782,92 @@ def lower_precision(fp32_path: str | os.PathLike, out_path: str | os.PathLike, p
     return res
 
 
+def export_with_precision(result, path: str | os.PathLike, profile, guard, say, precision: str,
+                          calibration: Any = None, evaluation: Any = None, options: dict | None = None) -> None:
+    """convert(..., precision=, export=): FP32 export (parity vs torch) -> reduced precision -> verifier ->
+    certificate, written as one transaction like the FP32 export (nothing new is left at the destination on error).
+
+    `.certified`: the verifier finds nothing at error severity, the FP32 export matches torch, onnxruntime runs the
+    reduced model with finite outputs, FP16 drifts at most `fp16_rtol`, and top-1 agreement reaches `min_top1` when
+    that option is set."""
+    from attn2conv.check import check as run_check
+    from attn2conv.check._report import certificate
+    from attn2conv.export import ExportError, export_onnx, validate_destination
+
+    cfg = PrecisionConfig.from_options(options)
+    dest = validate_destination(path)
+    report = result.report
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    try:
+        fp32 = tmpdir / "fp32.onnx"
+        info = export_onnx(result.module, result.example_inputs, fp32, profile, rtol=report.rtol,
+                           parity_inputs=guard.probes[:2], parity_reference=guard.reference[:2],
+                           original_reference=guard.original[:2], certify=False, progress=say)
+        say(f"precision {precision}")
+        tmp_out = tmpdir / dest.name
+        res = lower_precision(fp32, tmp_out, precision, profile, calibration=calibration, evaluation=evaluation,
+                              probes=list(guard.probes), config=cfg)
+        say("check")
+        checked = run_check(tmp_out, target=profile)
+        cert_text = certificate(checked)
+        side = {p.name: p for p in precision_files(tmp_out) if p.exists()}
+        written = []
+        try:
+            for name, src in side.items():
+                os.replace(src, dest.with_name(name))
+                written.append(dest.with_name(name))
+            os.replace(tmp_out, dest)
+            written.append(dest)
+            cert = dest.with_name(dest.name + ".cert.json")
+            cert.write_text(cert_text, encoding="utf-8")
+        except OSError as exc:
+            for w in written:
+                with contextlib.suppress(OSError):
+                    w.unlink()
+            raise ExportError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    if checked.loaded is not None:
+        checked.loaded.path = dest
+    res.path = str(dest)
+    res.artifacts = {k: str(dest.with_name(Path(v).name)) for k, v in res.artifacts.items()}
+    reasons = []
+    if not checked.ok:
+        reasons.append("verifier errors")
+    if not info.parity_ok:
+        reasons.append("the FP32 export differs from torch")
+    if not res.ort_ok or not res.drift.get("finite", True):
+        reasons.append("onnxruntime cannot run it or produces inf/NaN")
+    if precision == "fp16" and res.drift.get("rel_error", 0.0) > cfg.fp16_rtol:
+        reasons.append(f"FP16 drift {res.drift['rel_error']:.1e} > {cfg.fp16_rtol:g}")
+    top1 = res.drift.get("top1_agreement")
+    if cfg.min_top1 is not None and top1 is not None and top1 < cfg.min_top1:
+        reasons.append(f"top-1 agreement {top1:.4f} < {cfg.min_top1}")
+    result.onnx_path, result.check = str(dest), checked
+    result.certified = not reasons
+    counts = checked.counts()
+    export_info = info.to_dict()
+    export_info.update(path=str(dest), certificate=str(dest.with_name(dest.name + ".cert.json")),
+                       fp32_parity=info.parity)
+    report.extra["export"] = export_info
+    report.extra["check"] = {"profile": checked.profile.id, "verdict": checked.verdict, "fail_on": checked.fail_on,
+                             "counts": counts, "by_rule": checked.by_rule(),
+                             "failing": [f.to_dict() for f in checked.failing[:50]]}
+    report.extra["precision_report"] = res.to_dict()
+    report.extra["certified"] = result.certified
+    report.extra["onnx"] = (f"{dest} ({precision}, {res.form}; FP32 export vs torch {info.parity:.1e})"
+                            + (f"; side files: {', '.join(Path(v).name for v in res.artifacts.values())}"
+                               if res.artifacts else ""))
+    report.extra["precision"] = res.summary() + ("" if not reasons else f" (not certified: {'; '.join(reasons)})")
+    report.extra["verifier"] = (f"{checked.verdict.upper()} for {checked.profile.id}: {counts['error']} error(s), "
+                                f"{counts['warning']} warning(s), {counts['note']} note(s)")
+
+
 def _stamp(model: onnx.ModelProto, precision: str, form: str, ranges: dict[str, float] | None = None) -> None:
     stamps = {"attn2conv.precision": precision, "attn2conv.precision_form": form}
     if ranges is not None:
@@ -816,4 +905,5 @@ def precision_files(path: str | os.PathLike) -> list[Path]:
 
 __all__ = ["PRECISIONS", "CALIBRATORS", "DEFAULT_SAMPLES", "PrecisionConfig", "PrecisionError", "PrecisionResult",
            "lower_precision", "make_feeds", "calibrate", "quantize_qdq", "to_fp16", "fp16_safety", "drift",
-           "layer_sensitivity", "write_trt_calibration_cache", "quantizable_nodes", "precision_files"]
+           "layer_sensitivity", "write_trt_calibration_cache", "quantizable_nodes", "precision_files",
+           "export_with_precision"]

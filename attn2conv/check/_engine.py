@@ -246,7 +246,7 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
     inits = ctx.initializer_names() if tensor_hits else frozenset()
     for rule, tensor, values in tensor_hits:
         prod = producers.get(tensor) if producers else None
-        if rule.check in R.ACTIVATION_ONLY and (tensor in inits or (prod and prod[0].op_type == "Constant")):
+        if rule.check in R.ACTIVATION_ONLY and (tensor in inits or (prod and _weight_producer(prod[0], inits))):
             continue  # weights recorded in value_info: their layout is not NCHW
         if prod is not None:
             out.add(rule, prod[0], values, prod[1], tensor=tensor)
@@ -254,6 +254,13 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
             out.add(rule, None, values, -1, op="", name=tensor, tensor=tensor)
 
     return sorted(out.items, key=lambda f: (f.order, SEVERITIES.index(f.severity), f.rule, f.tensor or ""))
+
+
+def _weight_producer(node: onnx.NodeProto, inits) -> bool:
+    """A Constant, or the DequantizeLinear of a constant (an INT8 weight): its output is a weight, not an activation."""
+    if node.op_type == "Constant":
+        return True
+    return node.op_type == "DequantizeLinear" and bool(node.input) and node.input[0] in inits
 
 
 # -- public API ------------------------------------------------------------------------------------------------------
