@@ -231,6 +231,14 @@ class ConvertTool:
                        help="exact: numerically identical rewrites only (default); fast: also architectural swaps")
         p.add_argument("--input-shape", metavar="N,C,H,W",
                        help="example input shape (default: from the model's config, e.g. 1,3,224,224)")
+        p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                       help="fp16: FP16 weights/activations/I-O; int8: explicit Q/DQ (trt, trt-safe) or FP16 + "
+                            "calibration cache (dla); default fp32")
+        p.add_argument("--calibration", metavar="DATA.npy",
+                       help="INT8 calibration inputs, an .npy/.npz array (N, C, H, W); 500 samples are used "
+                            "(without it: random normal inputs, which only suit a smoke test)")
+        p.add_argument("--calibrator", choices=("max", "percentile", "entropy", "mse"), default="max",
+                       help="INT8 calibration method (default max)")
         p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the ONNX model")
         p.add_argument("--report", metavar="REPORT.json", help="also write the full report as JSON")
         p.add_argument("--progress", choices=("on", "off"),
@@ -255,12 +263,15 @@ class ConvertTool:
         model, inputs, name = load_model(args.spec)
         if shape is not None:
             inputs = (torch.randn(shape),)
+        calibration, precision_options = _calibration(args, inputs, model)
         written = _Written([out, out.with_name(out.name + ".data"), out.with_name(out.name + ".cert.json"),
+                            out.with_name(out.name + ".ranges.json"), out.with_name(out.name + ".calib"),
                             report_path])
         with written.removed_on_error():
             try:
                 result = convert(model, target=profile, example_inputs=inputs, fidelity=args.fidelity,
-                                 export=out, progress=progress)
+                                 export=out, progress=progress,
+                                 precision=args.precision, calibration=calibration, options=precision_options)
             except CaptureError as exc:
                 given = f"--input-shape {args.input_shape}" if shape else "the default input shape"
                 raise CaptureError(f"{exc} (with {given}; does the model accept it?)") from None
@@ -275,6 +286,35 @@ class ConvertTool:
         print(result.report.to_table())
         print(_verdict(result, name, total))
         return 0 if result.certified else 1
+
+
+def _calibration(args, inputs, model):
+    """(calibration batches, convert options) for --precision; (None, None) for FP32."""
+    if args.precision == "fp32":
+        return None, None
+    options = {"precision": {"calibrator": args.calibrator}}
+    if args.calibration:
+        import numpy as np
+        import torch
+
+        try:
+            data = np.load(args.calibration)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--calibration {args.calibration}: cannot read it as .npy/.npz ({_line(exc)})") from None
+        if hasattr(data, "files"):  # .npz: the first array
+            data = data[data.files[0]]
+        return [torch.from_numpy(np.asarray(data, dtype=np.float32))], options
+    if args.precision == "int8":
+        import torch
+
+        from attn2conv.capture import as_input_tuple, default_example_inputs
+
+        example = as_input_tuple(inputs) or default_example_inputs(model)
+        g = torch.Generator().manual_seed(0)
+        print(f"{PROG}: warning: no --calibration data; INT8 calibrated on random normal inputs (a smoke test, not "
+              f"a deployable calibration)", file=sys.stderr)
+        return [torch.randn(example[0].shape, generator=g) for _ in range(8)], options
+    return None, options
 
 
 def _verdict(result, name: str, seconds: float) -> str:
