@@ -32,6 +32,7 @@ class ConversionReport:
     op_counts_after: dict[str, int] = field(default_factory=dict)
     rel_error: float | None = None  # final graph vs original model
     capture_seconds: float = 0.0
+    guard_mode: str = "each"  # see attn2conv.guard.NumericGuard
     extra: dict[str, Any] = field(default_factory=dict)  # export / check / precision sections added later
 
     @property
@@ -62,7 +63,8 @@ class ConversionReport:
             rows.append((p.id, "exact" if p.exact else "arch", p.status, str(p.rewrites), _err(p.rel_error),
                          _err(p.rel_error_total), f"{p.seconds:.2f}s"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"attn2conv: {self.model} -> {self.target} (fidelity {self.fidelity}, bound {self.rtol:g})"]
+        lines = [f"attn2conv: {self.model} -> {self.target} (fidelity {self.fidelity}, bound {self.rtol:g}, "
+                 f"guard {self.guard_mode})"]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0:

@@ -90,3 +90,40 @@ def test_report_json_and_table():
     assert all({"id", "exact", "rewrites", "rel_error", "seconds", "status"} <= set(p) for p in data["passes"])
     assert data["rel_error"] < 1e-4
     assert "pass" in result.report.to_table().splitlines()[1]
+
+
+class BreaksOnlyRandomProbes(GraphPass):
+    """Adds 1.0 to the output wherever the input's first value is not the example input's: invisible on the example
+    input, caught only by the random probes."""
+
+    id = "test_breaks_only_random_probes"
+    exact = True
+
+    def run(self, gm, ctx):
+        from attn2conv.graph import Builder, aten
+
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        y = out.args[0][0]
+        b = Builder(gm, out)
+        marker = b.constant(ctx.example_inputs[0].flatten()[:1].clone(), "marker")
+        first = b.call(aten.reshape.default, b.call(aten.slice.Tensor, b.call(aten.reshape.default, x, [-1]), 0, 0, 1), [])
+        off = b.call(aten.ne.Tensor, first, b.call(aten.reshape.default, marker, []))
+        bumped = b.call(aten.add.Tensor, y, b.call(aten._to_copy.default, off, dtype=torch.float32))
+        out.args = ((bumped, *out.args[0][1:]),)
+        return PassResult(changed=True, rewrites=1)
+
+
+@pytest.mark.parametrize("mode", ["each", "final"])
+def test_guard_modes_catch_a_pass_that_only_breaks_random_inputs(mode):
+    model = timm.create_model("repvgg_a0", pretrained=False, num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pipe = Pipeline(["fold_reparam", BreaksOnlyRandomProbes, "fold_batchnorm"])
+    result = attn2conv.convert(model, "trt", x, pipeline=pipe, guard=mode)
+    records = {r.id: r for r in result.report.passes}
+    assert records["test_breaks_only_random_probes"].status == "rolled back"
+    assert records["fold_reparam"].status == "applied"
+    assert result.report.rel_error < 1e-4
+    probe = torch.randn(1, 3, 32, 32)
+    assert rel_error(result.module(probe), model(probe)) < 1e-4
+    assert ("re-ran every pass" in result.report.extra.get("guard", "")) == (mode == "final")
