@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     ConvertTool().add_parser(sub)
+    from attn2conv.coverage import CoverageTool  # stdlib-only at import time
+
+    CoverageTool().add_parser(sub)
     return p
 
 
@@ -398,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG} {__version__}")
             return 0
         if getattr(args, "tool", None) is None:
-            raise UsageError("give a command: attn2conv convert SPEC -o OUT.onnx (see attn2conv convert --help)")
+            raise UsageError("give a command: attn2conv convert SPEC -o OUT.onnx, or attn2conv coverage "
+                             "(see attn2conv --help)")
         return args.tool.run(args)
     except UsageError as exc:
         print(f"{PROG}: usage error: {exc}", file=sys.stderr)
