@@ -218,11 +218,12 @@ def test_calibrators(tmp_path, method):
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(20)]
     feeds[3]["x"][0, 0] = 40.0  # one outlier
+    feeds[18]["x"][0, 0] = -30.0  # and one in the second chunk of 16 batches
     ranges = calibrate(tmp_path / "m.onnx", feeds, method)
     lo, hi = ranges["x"]
     assert lo < 0 < hi and np.isfinite([lo, hi]).all()
-    if method == "max":
-        assert hi == pytest.approx(40.0)
+    if method == "max":  # both chunks count
+        assert (lo, hi) == (pytest.approx(-30.0), pytest.approx(40.0))
     elif method == "percentile":  # clips the single outlier (one value in 320 is above the 99.99th percentile)
         assert hi < 40.0
     else:  # entropy / MSE: one far outlier costs more squared error clipped than kept; never beyond the max
@@ -280,3 +281,37 @@ def test_fp32_layer_rule_allows_plain_1x1_conv_on_safe_only():
     m = _fp16_chain(conv1x1_fp32=True)
     assert "A2C-SAFE-PREC-FP32-LAYER" not in {f.rule for f in check(m, "trt-safe").findings}
     assert "A2C-DLA-PREC-FP32-LAYER" in {f.rule for f in check(m, "dla").findings}
+
+
+@pytest.mark.slow
+def test_distilled_digits_example_fp16_int8(tmp_path):
+    """The fast/distill example's digits student (short training), lowered for trt-safe, in FP16 and INT8."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_example",
+                                                  Path(__file__).parents[1] / "examples" / "digits_fast_distill.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    torch.manual_seed(0)
+    (x_tr, y_tr), (x_te, y_te) = ex.load_digits_32(0)
+    train = ex.Batches(x_tr, y_tr, seed=0)
+    teacher = ex.train_teacher(ex.make_teacher(), train, epochs=8)
+    preset = attn2conv.Pipeline.for_target("trt-safe", "fast")
+    calib = [xb for xb, _ in ex.Batches(x_tr, y_tr, seed=1, augment=False)][:4]
+    fast = attn2conv.convert(teacher, "trt-safe", example_inputs=x_tr[:ex.BATCH], fidelity="fast",
+                             calibration=calib, pipeline=attn2conv.Pipeline([p for p in preset if not p.exact]))
+    student = attn2conv.distill(fast.module, teacher, train, epochs=8, lr=2e-3, warmup_steps=20, temperature=2.0,
+                                label_weight=0.5, seed=0)
+    deployable, legal = ex.lower(student, preset, x_tr[:ex.BATCH])
+    assert legal
+    fp32 = tmp_path / "student.onnx"
+    attn2conv.export_onnx(deployable, (x_tr[:ex.BATCH],), fp32, "trt-safe")
+    n = len(x_te) // ex.BATCH * ex.BATCH
+    held_out = [x_te[i:i + ex.BATCH] for i in range(0, n, ex.BATCH)]
+    train_batches = [xb for xb, _ in ex.Batches(x_tr, y_tr, seed=2, augment=False)]
+    for precision, bound in (("fp16", 0.999), ("int8", 0.99)):
+        out = tmp_path / f"student_{precision}.onnx"
+        res = lower_precision(fp32, out, precision, "trt-safe", calibration=train_batches, evaluation=held_out)
+        # the example's graph has a static batch of 64 (safety caps it at 16): that is the only rule it may break
+        assert {f.rule for f in check(out, "trt-safe").failing} <= {"A2C-SAFE-TENSOR-BATCH"} and res.ort_ok
+        assert res.drift["top1_agreement"] >= bound, (precision, res.drift, res.layers[:3])
