@@ -47,6 +47,9 @@ class CheckTool:
         p.add_argument("--certificate", metavar="FILE", help="write a JSON certificate of this check")
         p.add_argument("--shape-inference", choices=("auto", "always", "never"), default="auto",
                        help="run ONNX shape inference: auto = only when the graph records no intermediate shapes")
+        p.add_argument("--build", action="store_true",
+                       help="also parse and build the engine with TensorRT (needs the trt extra and a GPU; "
+                            "otherwise says so in one line and skips); a failed build makes the exit status 1")
         p.add_argument("--list-targets", action="store_true", help="list the built-in profiles and exit")
         p.add_argument("--explain", metavar="RULE", help="explain a rule id and exit")
         p.add_argument("--version", action="store_true", help="print the tool version and exit")
@@ -75,6 +78,12 @@ class CheckTool:
         render = {"text": result.to_text, "json": result.to_json, "sarif": result.to_sarif,
                   "junit": result.to_junit}[args.format]
         report = render(args.max_findings)
+        build = None
+        if args.build:
+            from attn2conv.trt_build import build_engine
+
+            build = build_engine(args.model, profile)
+            report = _with_build(report, args.format, build)
         try:
             if args.output:
                 write_atomic(args.output, report)
@@ -84,7 +93,7 @@ class CheckTool:
                 write_atomic(args.certificate, certificate(result))
         except OSError as exc:
             raise InputError(f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}") from None
-        return 0 if result.ok else 1
+        return 0 if result.ok and not (build is not None and build.failed) else 1
 
     def list_targets(self) -> int:
         alias = {v: k for k, v in aliases().items()}
@@ -111,6 +120,21 @@ class CheckTool:
         print(wrap(f"evidence: {rule.evidence}: {rule.source}"))
         print(wrap(f"fix:      {rule.fix}" + (" (attn2conv pass)" if rule.fix_passes else " (manual step)")))
         return 0
+
+
+def _with_build(report: str, fmt: str, build) -> str:
+    """Adds the TensorRT builder's verdict: a line in text, a "trt_build" member in JSON; for SARIF and JUnit (fixed
+    schemas) it goes to stderr."""
+    if fmt == "text":
+        return report + ("" if report.endswith("\n") else "\n") + build.line() + "\n"
+    if fmt == "json":
+        import json
+
+        doc = json.loads(report)
+        doc["trt_build"] = build.to_dict()
+        return json.dumps(doc, indent=2) + "\n"
+    print(f"{PROG}: {build.line()}", file=sys.stderr)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
