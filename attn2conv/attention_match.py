@@ -14,6 +14,12 @@ where L... are leading batch/head dims (B, h), (B*windows, h), (B*h) ... Two anc
 The chain between q @ k^T and the softmax is affine in the scores: chain(s) = scale * s + chain(0). The matcher keeps
 the chain's nodes so that the rewrite can evaluate chain(0) (the total additive bias) once, at compile time when it
 depends only on parameters and buffers, or in the graph otherwise. Misses return a reason string instead of a match.
+
+Talking heads (CaiT): a linear over the head axis before and/or after the softmax, written as permute -> Linear(h, h)
+-> permute (or, after linear_to_conv, a 1x1 convolution whose channels are the heads). Such chains (`replay=True`:
+they contain a channel mix or a permute) are kept as they are, before the softmax in `chain` and between the softmax
+and the matmul with v in `post`; the rewrite re-runs them verbatim on its own scores / probabilities, so any per-
+position linear map stays exact. The queries and keys must stay on the last two axes at both ends.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch.fx as fx
 from attn2conv.graph import arg, get_constant, is_op, op_kind, shape
 
 MATMULS = ("aten.matmul", "aten.bmm")
+PERMUTES = ("aten.permute", "aten.transpose", "aten.t")
 SOFTMAXES = ("aten.softmax", "aten._softmax")
 # Ops that pass a tensor through unchanged in value (eval mode).
 NEUTRAL = ("aten.clone", "aten.contiguous", "aten.alias", "aten.detach", "aten.dropout", "aten.lift_fresh_copy")
@@ -53,6 +60,8 @@ class AttentionMatch:
     chain: list[fx.Node] = field(default_factory=list)  # nodes from `scores` (excluded) to the softmax input
     mask: fx.Node | None = None  # sdpa attn_mask
     causal: bool = False
+    replay: bool = False  # chain/post mix channels (talking heads) or permute: re-run them verbatim
+    post: list[fx.Node] = field(default_factory=list)  # nodes from the softmax (excluded) to the matmul with v
 
     @property
     def groups(self) -> int:
@@ -120,8 +129,8 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     dtype = arg(node, 2, "dtype") if is_op(node, "aten.softmax") else None
     if dtype is not None and dtype != x.meta["val"].dtype:
         return f"softmax casts to {dtype}"
-    # Down: probabilities -> (neutral ops, leading-dim reshapes) -> matmul(probs, v).
-    probs, av = node, None
+    # Down: probabilities -> (neutral ops, leading-dim reshapes, head mixes) -> matmul(probs, v).
+    probs, av, post = node, None, []
     while True:
         users = [u for u in probs.users if not is_assert(u)]
         if len(users) != 1:
@@ -130,20 +139,25 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
         if is_op(user, *MATMULS) and user.args[0] is probs:
             av = user
             break
-        if is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and shape(user)[-2:] == xs[-2:]):
+        if is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and shape(user)[-2:] == xs[-2:]) or \
+                is_op(user, *PERMUTES) or _is_channel_mix(user, probs):
             probs = user
+            post.append(user)
             continue
         return f"softmax output feeds {op_kind(user)} ({user.name}), not a matmul with v"
     v = av.args[1]
     vs, outs = shape(v), shape(av)
     n, m = xs[-2], xs[-1]
+    if shape(probs) is None or shape(probs)[-2:] != (n, m):
+        return f"probabilities reach the matmul with v as {shape(probs)}, not with (queries, keys) {(n, m)} last"
     if vs is None or len(vs) < 2 or vs[-2] != m or math.prod(vs[:-2]) != math.prod(xs[:-2]):
         return f"probabilities {xs} and v {vs} do not multiply as (L, N, M) @ (L, M, dv)"
     # Up: softmax input -> scale/bias/reshape chain -> q @ k^T.
     walked = _walk_scores(x)
     if isinstance(walked, str):
         return walked
-    scores, chain, scale = walked
+    scores, chain, scale, mixes = walked
+    replay = mixes or any(is_op(p, *PERMUTES) or _is_channel_mix(p) for p in post)
     q, k_t = scores.args[:2]
     qs, kts, ss = shape(q), shape(k_t), shape(scores)
     if qs is None or kts is None or qs[:-2] != kts[:-2] or qs[-1] != kts[-2]:
@@ -153,20 +167,24 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     if math.prod(qs[:-2]) != math.prod(vs[:-2]):
         return f"q {qs} and v {vs} have different leading dims"
     return AttentionMatch("softmax", node, av, q, None, k_t, v, scale, qs[:-2], n, m, qs[-1], vs[-1],
-                          scores=scores, chain=chain)
+                          scores=scores, chain=chain, replay=replay, post=post)
 
 
-def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float] | str:
-    """From the softmax input up to q @ k^T: (scores node, chain nodes in data-flow order, product of scalars)."""
-    chain, scale = [], 1.0
+def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str:
+    """From the softmax input up to q @ k^T: (scores node, chain nodes in data-flow order, product of scalars, whether
+    the chain mixes channels or permutes)."""
+    chain, scale, mixes = [], 1.0, False
     node = x
     for _ in range(64):
         if is_op(node, *MATMULS):
-            return node, list(reversed(chain)), scale
+            return node, list(reversed(chain)), scale, mixes
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return f"softmax input does not come from q @ k^T (reached {getattr(node, 'name', node)})"
         chain.append(node)
         if is_op(node, *NEUTRAL, *RESHAPES) or (is_op(node, "aten._to_copy") and not node.kwargs.get("dtype")):
+            node = node.args[0]
+        elif is_op(node, *PERMUTES) or _is_channel_mix(node):
+            mixes = True
             node = node.args[0]
         elif is_op(node, "aten.mul", "aten.div"):
             a, b = node.args[:2]
@@ -203,13 +221,39 @@ def _reaches_matmul(node, depth: int = 16) -> bool:
             return True
         if is_op(node, "aten.mul", "aten.div"):
             node = node.args[0] if _scalar(node.args[1]) is not None else node.args[1]
-        elif is_op(node, *NEUTRAL, *RESHAPES, "aten.masked_fill", "aten._to_copy"):
+        elif is_op(node, *NEUTRAL, *RESHAPES, *PERMUTES, "aten.masked_fill", "aten._to_copy") or \
+                _is_channel_mix(node):
             node = node.args[0]
         elif is_op(node, "aten.add", "aten.sub"):
             return _reaches_matmul(node.args[0], depth - 1) or _reaches_matmul(node.args[1], depth - 1)
         else:
             return False
     return False
+
+
+def _is_channel_mix(node: fx.Node, src: fx.Node | None = None) -> bool:
+    """A per-position linear map with constant weights (talking heads): Linear over the last axis, or a 1x1
+    convolution (stride 1, no padding, one group) over the channel axis; `src`, if given, must be its input."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or (src is not None and node.args[0] is not src):
+        return False
+    gm = node.graph.owning_module
+    weight = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(weight, fx.Node) or gm is None or get_constant(gm, weight) is None:
+        return False
+    if is_op(node, "aten.linear"):
+        return True
+    if not is_op(node, "aten.conv2d"):
+        return False
+    w = get_constant(gm, weight)
+    stride, padding, dilation, groups = (arg(node, i, name, d) for i, name, d in
+                                         ((3, "stride", [1, 1]), (4, "padding", [0, 0]), (5, "dilation", [1, 1]),
+                                          (6, "groups", 1)))
+    return w.dim() == 4 and tuple(w.shape[2:]) == (1, 1) and groups == 1 and \
+        all(v == 1 for v in _ints(stride)) and all(v == 0 for v in _ints(padding))
+
+
+def _ints(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def _scalar(x) -> float | None:

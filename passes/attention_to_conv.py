@@ -30,6 +30,15 @@ the sum over keys (dividing O costs g*dv*N instead of g*M*N):
     den = Conv1x1_groups=g(E', ones(g, M, 1, 1))          (B, g, 1, N)   sum over keys
     O   = Conv1x1_groups=g(E' * V, ones(g, M, 1, 1)) / den
 
+Talking heads (CaiT): a Linear(h, h) over the head axis before and/or after the softmax (permute -> Linear ->
+permute, or the 1x1 convolution over head channels that linear_to_conv makes of it) mixes heads per (query, key)
+position. The chains around the softmax are then re-run verbatim on the new tensors (moved from (B, h, M, N) to the
+model's (B, h, N, M) layout and back; layout_cleanup cancels most of those permutes), with the scale taken from the
+chain (dot weight = ones). With a mix after the softmax, the decomposition normalises before it,
+    A = E' / den  (B, h, M, N);  A' = mix(A);  O = Conv1x1_groups=h(A'' * V, ones)
+since the division by each head's key sum does not commute with mixing heads. These cores are never chunked (a head
+chunk cannot be mixed with the others; query chunks would need the chains sliced), so the budget is not enforced.
+
 Memory: the broadcast products Q*K and A'*V hold B*g*max(d, dv)*M*N elements. When that exceeds the option
 `max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default DEFAULT_MAX_BROADCAST), the
 core is computed in static chunks: first over heads (channel slices, concatenated on the channel axis), then over
@@ -170,6 +179,8 @@ class _Outcome:
 
 def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool,
              limits: "_TargetLimits", layout: str) -> _Outcome | str:
+    if match.replay:
+        return _rewrite_replayed(gm, match, keep_softmax)
     if layout == "pooled" and limits.pooled_layout_fits(match.groups, max(match.d, match.m)):
         return _rewrite_pooled(gm, match, budget, keep_softmax)
     return _rewrite_grouped(gm, match, budget, keep_softmax)
@@ -282,6 +293,104 @@ def _rewrite_pooled(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep
         if not dead.users:
             gm.graph.erase_node(dead)
     return _Outcome(g * query_chunk * m * max(d, dv), math.ceil(n / query_chunk), g, query_chunk, "pooled")
+
+
+def _rewrite_replayed(gm: fx.GraphModule, match: AttentionMatch, keep_softmax: bool) -> _Outcome | str:
+    """Talking heads (CaiT): the chains around the softmax mix heads, so they are re-run verbatim (see the module
+    docstring); no chunking (head chunks cannot be mixed, and the cores these models have fit the budget)."""
+    lead = match.lead
+    batch = lead[0] if lead else 1
+    groups = match.groups // batch
+    n, m, d, dv = match.n, match.m, match.d, match.dv
+    xs = shape(match.anchor.args[0])
+    out_shape = shape(match.output)
+    if math.prod(xs[:-2]) % batch:
+        return f"softmax input {xs} does not keep the batch {batch} in front"
+    mixed = math.prod(xs[:-2]) // batch  # heads between the two mixes
+    if out_shape is None or math.prod(out_shape) != batch * groups * n * dv:
+        return f"attention output shape {out_shape} does not hold {batch}x{groups}x{n}x{dv} values"
+    if not match.post and mixed != groups:
+        return f"{mixed} heads reach the matmul with v, which has {groups}"
+    conv = aten.conv2d.default
+    b = Builder(gm, match.output)
+    q, k, v = _channels_first_qkv(b, match, batch, groups)
+    weights = _Weights(b, 1.0, d, m)  # scalar scales are part of the re-run chain
+    s = b.call(conv, b.call(aten.mul.Tensor, q, k), weights.dot(groups), None, [1, 1], [0, 0], [1, 1], groups)
+    s = _natural(b, s, shape(match.scores))
+    s = _replay(gm, b, match.scores, match.chain, s)
+    s = _keys_first(b, s, batch, mixed, n, m)  # (B, h', M, N)
+    if keep_softmax:
+        a = b.call(aten.softmax.int, s, 2)
+    else:
+        e = _exp_shifted(b, s, m)
+        den = b.call(conv, b.call(aten.reshape.default, e, [batch, mixed * m, 1, n]), weights.keysum(mixed), None,
+                     [1, 1], [0, 0], [1, 1], mixed)
+        if not match.post:  # normalise after the sum over keys (cheaper), as in _core
+            e = b.call(aten.reshape.default, e, [batch, groups * m, 1, n])
+            o = b.call(conv, b.call(aten.mul.Tensor, e, v), weights.keysum(groups), None, [1, 1], [0, 0], [1, 1],
+                       groups)
+            return _finish(gm, b, match, b.call(aten.div.Tensor, o, den), out_shape, batch * groups * d * m * n)
+        a = b.call(aten.div.Tensor, e, den)
+    if match.post:
+        a = _natural(b, a, xs)
+        a = _replay(gm, b, match.anchor, match.post, a)
+        a = _keys_first(b, a, batch, groups, n, m)
+    a = b.call(aten.reshape.default, a, [batch, groups * m, 1, n])
+    o = b.call(conv, b.call(aten.mul.Tensor, a, v), weights.keysum(groups), None, [1, 1], [0, 0], [1, 1], groups)
+    return _finish(gm, b, match, o, out_shape, batch * groups * max(d, dv) * m * n)
+
+
+def _channels_first_qkv(b: Builder, match: AttentionMatch, batch: int, groups: int):
+    n, m, d, dv = match.n, match.m, match.d, match.dv
+    q = b.call(aten.reshape.default, match.q, [batch, groups, n, d])
+    q = b.call(aten.reshape.default, b.call(aten.permute.default, q, [0, 1, 3, 2]), [batch, groups * d, 1, n])
+    if match.k_t is not None:
+        k = b.call(aten.reshape.default, match.k_t, [batch, groups * d, m, 1])
+    else:
+        k = b.call(aten.reshape.default, match.k, [batch, groups, m, d])
+        k = b.call(aten.reshape.default, b.call(aten.permute.default, k, [0, 1, 3, 2]), [batch, groups * d, m, 1])
+    v = b.call(aten.reshape.default, match.v, [batch, groups * m, dv, 1])
+    return q, k, v
+
+
+def _natural(b: Builder, x, natural_shape) -> fx.Node:
+    """(B, g, M, N) keys-first -> the model's (L..., N, M) layout."""
+    return b.call(aten.reshape.default, b.call(aten.permute.default, x, [0, 1, 3, 2]), list(natural_shape))
+
+
+def _keys_first(b: Builder, x, batch: int, groups: int, n: int, m: int) -> fx.Node:
+    """The model's (L..., N, M) layout -> (B, g, M, N)."""
+    return b.call(aten.permute.default, b.call(aten.reshape.default, x, [batch, groups, n, m]), [0, 1, 3, 2])
+
+
+def _exp_shifted(b: Builder, s, m: int) -> fx.Node:
+    """e^(s - max over keys) from Mul/Add/MaxPool/Sigmoid/Div only (see the module docstring)."""
+    mx = b.call(aten.max_pool2d.default, s, [m, 1], [m, 1])
+    z = b.call(aten.add.Tensor, s, b.call(aten.mul.Tensor, mx, -1.0))
+    neg_z = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, s, -1.0), mx)
+    return b.call(aten.div.Tensor, b.call(aten.sigmoid.default, z), b.call(aten.sigmoid.default, neg_z))
+
+
+def _replay(gm: fx.GraphModule, b: Builder, root: fx.Node, nodes: list[fx.Node], value: fx.Node) -> fx.Node:
+    """`nodes` (a chain starting at `root`) copied before the anchor, reading `value` where they read `root`."""
+    env = {root: value}
+    node = value
+    for original in nodes:
+        with gm.graph.inserting_before(b.anchor):
+            node = gm.graph.node_copy(original, lambda x: env.get(x, x))
+        node.meta = dict(original.meta)
+        env[original] = node
+        b.created.append(node)
+    return node
+
+
+def _finish(gm: fx.GraphModule, b: Builder, match: AttentionMatch, o, out_shape, peak: int) -> _Outcome:
+    o = b.call(aten.reshape.default, b.call(aten.permute.default, o, [0, 1, 3, 2]), list(out_shape))
+    replace_uses(match.output, o)
+    for dead in dict.fromkeys((match.output, match.anchor)):
+        if not dead.users:
+            gm.graph.erase_node(dead)
+    return _Outcome(peak, 1, match.groups, match.n, "grouped-conv (talking heads)")
 
 
 def _chunking(batch: int, groups: int, n: int, m: int, depth: int, budget: int) -> tuple[int, int]:

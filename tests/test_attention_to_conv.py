@@ -233,3 +233,22 @@ def test_swin_window_attention_with_relative_bias_and_shift_mask(fused):
     finally:
         timm.layers.set_fused_attn(old)
     assert_exact(model, torch.randn(1, 3, 56, 56), rewrites=4)
+
+
+def _cait(**kw):
+    # layer scale 1 (timm's default 1e-5 would hide any error of the attention in the output)
+    return timm.create_model("cait_xxs24_224", pretrained=False, depth=2, init_values=1.0, **kw).eval()
+
+
+@pytest.mark.parametrize("target", ["trt-safe", "dla"])
+def test_cait_talking_heads(target):
+    """Linear(h, h) over heads before and after the softmax (CaiT talking heads) plus CaiT's class attention."""
+    gm, result = assert_exact(_cait(img_size=64), torch.randn(1, 3, 64, 64), target=target, rewrites=4)
+    assert "talking heads" in result.notes[-1] and not result.misses
+    assert op_counts(gm).get("aten.softmax", 0) == (4 if target == "dla" else 0)
+
+
+def test_convert_cait_small_config_trt_safe():
+    """Through convert: the head mixes are 1x1 convolutions over head channels by then (linear_to_conv runs first)."""
+    result = _convert_and_check(_cait(img_size=32, depth_token_only=1), torch.randn(1, 3, 32, 32))
+    assert next(p for p in result.report.passes if p.id == "attention_to_conv").rewrites == 3
