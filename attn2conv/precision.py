@@ -106,6 +106,7 @@ class PrecisionConfig:
     per_channel: bool = True
     op_types: tuple[str, ...] = ("Conv", "ConvTranspose")  # weighted ops whose inputs get Q/DQ
     keep_structural_float: bool = True  # constant reduction/selection convs stay in float
+    quantize_outputs: bool = False  # True: also Q/DQ the conv outputs (onnxruntime's QLinearConv form, not TensorRT's)
     exclude: tuple[str, ...] = ()  # node names kept in float
     fp16_margin: float = 0.5  # a tensor above margin * 65504 in FP32 counts as an FP16 overflow risk
     fp16_eps: str = "report"  # "report" a subnormal normalisation epsilon, or "raise" it to 2^-14
@@ -400,7 +401,8 @@ def quantize_qdq(fp32_path: str | os.PathLike, out_path: str | os.PathLike, rang
     extra = {
         "ActivationSymmetric": True, "WeightSymmetric": True,
         "QuantizeBias": False,  # TensorRT 8.6 dequantizes INT8 only; the bias stays float and fuses
-        "OpTypesToExcludeOutputQuantization": list(cfg.op_types),  # the next layer's input Q fuses as output
+        # the next layer's input Q fuses as this conv's output; quantize_outputs=True gives onnxruntime's CPU form
+        "OpTypesToExcludeOutputQuantization": [] if cfg.quantize_outputs else list(cfg.op_types),
         "AddQDQPairToWeight": False,  # INT8 weights + DequantizeLinear (TensorRT's pre-quantized weights form)
         "DedicatedQDQPair": False,
     }
