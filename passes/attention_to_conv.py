@@ -199,15 +199,7 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
     if isinstance(bias, str):
         return bias
 
-    # Inputs in channels-first layout (see the module docstring).
-    q = b.call(aten.reshape.default, match.q, [batch, groups, n, d])
-    q = b.call(aten.reshape.default, b.call(aten.permute.default, q, [0, 1, 3, 2]), [batch, groups * d, 1, n])
-    if match.k_t is not None:
-        k = b.call(aten.reshape.default, match.k_t, [batch, groups * d, m, 1])
-    else:
-        k = b.call(aten.reshape.default, match.k, [batch, groups, m, d])
-        k = b.call(aten.reshape.default, b.call(aten.permute.default, k, [0, 1, 3, 2]), [batch, groups * d, m, 1])
-    v = b.call(aten.reshape.default, match.v, [batch, groups * m, dv, 1])
+    q, k, v = _channels_first_qkv(b, match, batch, groups)  # see the module docstring
 
     head_chunk, query_chunk = _chunking(batch, groups, n, m, max(d, dv), budget)
     weights = _Weights(b, match.scale, d, m)
@@ -435,11 +427,7 @@ def _core(b: Builder, w: _Weights, q, k, v, bias, batch, gc, m, dv, nc, keep_sof
     if keep_softmax:
         a = b.call(aten.reshape.default, b.call(aten.softmax.int, s, 2), [batch, gc * m, 1, nc])
         return b.call(conv, b.call(aten.mul.Tensor, a, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
-    mx = b.call(aten.max_pool2d.default, s, [m, 1], [m, 1])  # (B, gc, 1, nc)
-    z = b.call(aten.add.Tensor, s, b.call(aten.mul.Tensor, mx, -1.0))
-    neg_z = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, s, -1.0), mx)
-    e = b.call(aten.div.Tensor, b.call(aten.sigmoid.default, z), b.call(aten.sigmoid.default, neg_z))
-    e = b.call(aten.reshape.default, e, [batch, gc * m, 1, nc])
+    e = b.call(aten.reshape.default, _exp_shifted(b, s, m), [batch, gc * m, 1, nc])
     den = b.call(conv, e, w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)  # (B, gc, 1, nc)
     o = b.call(conv, b.call(aten.mul.Tensor, e, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
     return b.call(aten.div.Tensor, o, den)

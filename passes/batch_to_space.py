@@ -229,7 +229,7 @@ class _Folder:
     def _check_op(self, node: fx.Node) -> None:
         t = node.target
         if t in ELEMENTWISE:
-            if t is aten.dropout.default and node.args[2] if len(node.args) > 2 else False:
+            if t is aten.dropout.default and _arg(node, 2, False):
                 raise Unsupported(f"{where(node)}: dropout in training mode")
             return
         if t is aten.linear.default or t in AXIS_OPS:
@@ -321,7 +321,7 @@ class _Folder:
                 folded = full.expand(out_shape[0], *full.shape[1:]).reshape(
                     self.batch, -1, *full.shape[1:]).movedim(1, 2)
                 folded = _shrink(folded)
-            return self.b_constant(b, folded.contiguous())
+            return b.constant(folded.contiguous(), "batch_to_space_const")
         s = list(shape(a))
         padded = [1] * (rank - len(s)) + s
         if padded[0] == 1:
@@ -329,10 +329,6 @@ class _Folder:
         if len(s) != rank:
             raise RuntimeError(f"{where(a)}: batched operand of lower rank")
         return self._operand(b, a, folded=True)
-
-    @staticmethod
-    def b_constant(b: Builder, t: torch.Tensor) -> fx.Node:
-        return b.constant(t, "batch_to_space_const")
 
     def _rebuild(self, node: fx.Node) -> fx.Node:
         b = Builder(self.gm, node)
