@@ -318,6 +318,8 @@ def calibrate(fp32_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], 
     extra: dict[str, Any] = {"symmetric": method != "max"}
     if method in ("percentile", "mse"):
         extra["percentile"] = percentile
+    if method == "entropy":  # onnxruntime's default of 128 bins equals its 128 quantized bins: the KL search then
+        extra["num_bins"] = 2048  # has one candidate, the max; TensorRT's entropy calibrator uses 2048 bins
     with tempfile.TemporaryDirectory(prefix="a2c-calib-") as tmp, _quiet():
         calibrator = create_calibrator(Path(fp32_path), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=ort_method, extra_options=extra)
