@@ -11,6 +11,8 @@ Names are imported lazily so that `attn2conv-check` and `attn2conv.check` never 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -43,9 +45,21 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        # attn2conv.check is both a subpackage and the function it exports.
-        value = getattr(module, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'attn2conv' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`capture`, `convert`, `distill` and `check` name both a submodule and the function it exports. Importing the
+    submodule would rebind `attn2conv.convert` to the module; this keeps the public name bound to the function
+    (the submodule stays importable: `from attn2conv.convert import ConversionResult`)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and value.__name__ == _LAZY[name]:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
                                   evaluation=evaluation, config={"sensitivity": False, **options})
             result["seconds"][f"lower_{name}"] = round(time.perf_counter() - start, 1)
             result[f"{name}_drift_random_inputs"] = res.drift
-            checked = attn2conv.check.check(tmp / f"{name}.onnx", args.target)
+            checked = attn2conv.check(tmp / f"{name}.onnx", args.target)
             result[f"{name}_verifier"] = {"verdict": checked.verdict, "by_rule": {
                 k: v for k, v in checked.by_rule().items() if "PREC" in k}}
             if precision == "int8":
