@@ -268,8 +268,9 @@ def to_text(rows: Sequence[FamilyResult], targets: Sequence[str]) -> str:
             marks.append(f"{'-' if tr is None else ('ok' if tr.certified else 'FAIL'):<9}")
         errs = [tr.rel_error for tr in r.targets.values() if tr.rel_error is not None]
         secs = r.capture_seconds + sum(tr.seconds for tr in r.targets.values())
+        err = f"{max(errs):.1e}" if errs else "-"
         lines.append(f"{r.name:<{width}}  {'yes ' if r.captured else 'NO  '}  " + "  ".join(marks)
-                     + f"  {max(errs):.1e}" * bool(errs) + ("  -      " if not errs else "") + f"  {secs:5.1f}s")
+                     + f"  {err:<7}  {secs:5.1f}s")
     s = summary(rows, targets)
     lines.append(f"captured {s['captured']}/{s['families']}; certified (exact): "
                  + ", ".join(f"{t} {v['count']}/{s['families']} ({v['fraction']:.0%})"
@@ -384,7 +385,12 @@ class CoverageTool:
         start = time.perf_counter()
         width = max(len(f.name) for f in corpus)
 
+        done: list[FamilyResult] = []
+
         def say(row: FamilyResult) -> None:
+            done.append(row)
+            if args.json:  # after every family: a long run keeps what it measured
+                write_atomic(args.json, to_json(done, targets, {"partial": len(done) < len(corpus)}))
             marks = " ".join(f"{t}:{'ok' if row.targets.get(t) and row.targets[t].certified else 'FAIL'}"
                              for t in targets) if row.captured else f"capture FAILED: {row.capture_reason[:120]}"
             secs = row.capture_seconds + sum(tr.seconds for tr in row.targets.values())

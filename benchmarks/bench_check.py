@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes", default="25000,50000,100000")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "check.json"))
+    ap.add_argument("--no-plot", action="store_true", help="skip check_vs_load.png")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,9 +147,36 @@ def main() -> None:
     doc = {"benchmark": "attn2conv-check time / onnx.load time", "repeats": args.repeats,
            "python": platform.python_version(), "onnx": onnx.__version__, "machine": platform.machine(),
            "command": "python benchmarks/bench_check.py " + " ".join(sys.argv[1:]), "results": rows}
+    from _common import machine
+
+    doc["machine_details"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print("wrote", args.out)
+    if not args.no_plot:
+        print("wrote", plot(rows, Path(args.out).with_name("check_vs_load.png")))
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Bars: check time / onnx.load time per graph and mode (1.0 = as fast as parsing the file)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['graph']} {r['target']}" if r["graph"] == "vit_b" else
+              f"{r['graph']} {'shapes' if r.get('recorded_shapes') else 'no shapes'}/{r['shape_inference']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.barh(labels, [r["ratio"] for r in rows], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("attn2conv-check time / onnx.load time (median)")
+    ax.set_title("verifier cost relative to parsing the file", fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -141,3 +141,11 @@ def test_corpus_family(family, tmp_path):
 
 # (family, target or "capture") -> the gap, as measured by `attn2conv coverage` (see benchmarks/README.md).
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
+
+
+def test_text_table_with_a_capture_failure_only():
+    from attn2conv.coverage import to_text
+
+    row = FamilyResult("C", "timm:c", "x", captured=False, capture_reason="boom")
+    text = to_text([row], ("trt",))
+    assert "C" in text and "FAIL C [capture]: boom" in text and "captured 0/1" in text
