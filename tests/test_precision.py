@@ -285,7 +285,9 @@ def test_fp32_layer_rule_allows_plain_1x1_conv_on_safe_only():
 
 @pytest.mark.slow
 def test_distilled_digits_example_fp16_int8(tmp_path):
-    """The fast/distill example's digits student (short training), lowered for trt-safe, in FP16 and INT8."""
+    """The fast/distill example's digits student (its default 30 + 30 epochs), lowered for trt-safe, in FP16 and INT8.
+    Measured: FP16 top-1 agreement 100% (rel. error 5.6e-4), INT8 99.69% with max, percentile and MSE calibration
+    (1 of 320 held-out images flips; with 8 + 8 epochs the less confident student lands at 98.8-99.7%)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("digits_example",
@@ -295,12 +297,12 @@ def test_distilled_digits_example_fp16_int8(tmp_path):
     torch.manual_seed(0)
     (x_tr, y_tr), (x_te, y_te) = ex.load_digits_32(0)
     train = ex.Batches(x_tr, y_tr, seed=0)
-    teacher = ex.train_teacher(ex.make_teacher(), train, epochs=8)
+    teacher = ex.train_teacher(ex.make_teacher(), train, epochs=30)
     preset = attn2conv.Pipeline.for_target("trt-safe", "fast")
     calib = [xb for xb, _ in ex.Batches(x_tr, y_tr, seed=1, augment=False)][:4]
     fast = attn2conv.convert(teacher, "trt-safe", example_inputs=x_tr[:ex.BATCH], fidelity="fast",
                              calibration=calib, pipeline=attn2conv.Pipeline([p for p in preset if not p.exact]))
-    student = attn2conv.distill(fast.module, teacher, train, epochs=8, lr=2e-3, warmup_steps=20, temperature=2.0,
+    student = attn2conv.distill(fast.module, teacher, train, epochs=30, lr=2e-3, warmup_steps=20, temperature=2.0,
                                 label_weight=0.5, seed=0)
     deployable, legal = ex.lower(student, preset, x_tr[:ex.BATCH])
     assert legal
