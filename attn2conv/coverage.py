@@ -322,7 +322,9 @@ def _slug(name: str) -> str:
 
 
 def _line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    import re
+
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__  # no terminal colours
     return text[:limit]
 
 
