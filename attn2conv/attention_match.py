@@ -327,3 +327,16 @@ def is_assert(node: fx.Node) -> bool:
 
 def is_getitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that also drops export's metadata assertions on values nothing else reads (they are
+    impure, so they would keep a replaced softmax or reshape alive)."""
+    while True:
+        gm.graph.eliminate_dead_code()
+        stale = [n for n in gm.graph.nodes if is_assert(n) and not n.users and n.args
+                 and isinstance(n.args[0], fx.Node) and all(is_assert(u) for u in n.args[0].users)]
+        if not stale:
+            return
+        for node in stale:
+            gm.graph.erase_node(node)

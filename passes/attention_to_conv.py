@@ -75,7 +75,8 @@ import math
 import torch
 import torch.fx as fx
 
-from attn2conv.attention_match import AttentionMatch, constant_value, find_attention, is_assert, replay_chain
+from attn2conv.attention_match import (AttentionMatch, constant_value, eliminate_dead_code, find_attention, is_assert,
+                                       replay_chain)
 from attn2conv.graph import Builder, aten, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
@@ -120,25 +121,12 @@ class AttentionToConv(GraphPass):
                                     f"({outcome.head_chunk} heads x {outcome.query_chunk} queries)")
         result.changed = result.rewrites > 0
         if result.changed:
-            _eliminate_dead_code(gm)
+            eliminate_dead_code(gm)
             result.notes.append(f"layout {'/'.join(sorted(layouts))}; "
                                 f"softmax {'kept' if keep_softmax else 'decomposed (MaxPool, Sigmoid ratio, Div)'}; "
                                 f"peak broadcast tensor {peak} elements ({peak * 4 / 2**20:.1f} MiB fp32), "
                                 f"budget {budget}")
         return result
-
-
-def _eliminate_dead_code(gm: fx.GraphModule) -> None:
-    """Dead-code elimination that also drops export's metadata assertions on values nothing else reads (they are
-    impure, so they would keep a replaced softmax alive)."""
-    while True:
-        gm.graph.eliminate_dead_code()
-        stale = [n for n in gm.graph.nodes if is_assert(n) and not n.users and n.args
-                 and isinstance(n.args[0], fx.Node) and all(is_assert(u) for u in n.args[0].users)]
-        if not stale:
-            return
-        for node in stale:
-            gm.graph.erase_node(node)
 
 
 def _matmul_of_activations_allowed(profile) -> bool:

@@ -44,7 +44,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from attn2conv.attention_match import constant_value, is_assert
+from attn2conv.attention_match import constant_value, eliminate_dead_code, is_assert
 from attn2conv.graph import Builder, aten, compute_nodes, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
@@ -101,7 +101,7 @@ class BatchToSpace(GraphPass):
             result.misses.append(str(err))
             return result
         folder.rewrite()
-        _eliminate_dead_code(gm)
+        eliminate_dead_code(gm)
         left = [n for n in gm.graph.nodes if n.op == "call_function" and folder.flagged(n)]
         result.rewrites = len(folder.compute_nodes)
         result.changed = True
@@ -124,17 +124,6 @@ def _model_batch(example_inputs) -> int:
         if isinstance(t, torch.Tensor) and t.dim() >= 1:
             return int(t.shape[0])
     return 1
-
-
-def _eliminate_dead_code(gm: fx.GraphModule) -> None:
-    while True:
-        gm.graph.eliminate_dead_code()
-        stale = [n for n in gm.graph.nodes if is_assert(n) and not n.users and n.args
-                 and isinstance(n.args[0], fx.Node) and all(is_assert(u) for u in n.args[0].users)]
-        if not stale:
-            return
-        for node in stale:
-            gm.graph.erase_node(node)
 
 
 # --- the region ------------------------------------------------------------------------------------------------------
