@@ -35,6 +35,16 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)  # candidates that did not match, each with the reason
 
+    def tally(self, node: fx.Node, reason: str | None) -> None:
+        """Counts one rewrite of `node`, or records why it was skipped (reason is None on success)."""
+        if reason:
+            from attn2conv.graph import where
+
+            self.misses.append(f"{where(node)}: {reason}")
+        else:
+            self.rewrites += 1
+            self.changed = True
+
 
 @dataclass
 class PassContext:

@@ -103,11 +103,7 @@ class LayerNormDecompose(GraphPass):
                 gm.graph.erase_node(node)
             else:
                 continue
-            if reason:
-                result.misses.append(f"{where(node)}: {reason}")
-            else:
-                result.rewrites += 1
-        result.changed = result.rewrites > 0
+            result.tally(node, reason)
         return result
 
     # --- LayerNorm over the last dim ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import math
 
 import torch.fx as fx
 
-from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape, where, nodes_of
+from attn2conv.graph import Builder, aten, get_constant, nodes_of, replace_uses, shape
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 
@@ -29,12 +29,7 @@ class LinearToConv(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         for node in nodes_of(gm, "aten.linear"):
-            reason = self._rewrite(gm, node)
-            if reason:
-                result.misses.append(f"{where(node)}: {reason}")
-            else:
-                result.rewrites += 1
-        result.changed = result.rewrites > 0
+            result.tally(node, self._rewrite(gm, node))
         return result
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node) -> str | None:
