@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from attn2conv.errors import Attn2ConvError
 
@@ -315,15 +317,69 @@ def _down_convert(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from onnx import version_converter
 
     detached = _detach_weights(model)
+    held = _hold_splits(model)
     try:
         converted = version_converter.convert_version(model, opset)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot convert the exported model to opset {opset}: {_one_line(exc)}") from exc
     finally:
+        _release_splits(model, held)
         _attach_weights(model, detached)
+    _release_splits(converted, held)
     _attach_weights(converted, detached)
     _drop_newer_attributes(converted, opset)
     return converted
+
+
+# onnx's version converter has no 18 -> 17 adapter for Split (opset 18 added `num_outputs`). Splits are parked in a
+# private domain while it runs and come back in the opset-13 form: sizes as an explicit `split` input.
+_HOLD_DOMAIN = "attn2conv.hold"
+
+
+def _hold_splits(model: onnx.ModelProto) -> bool:
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    if not splits:
+        return False
+    shapes = _static_shapes(model)
+    for node in splits:
+        num_outputs = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if num_outputs is not None:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = shapes.get(node.input[0])
+            if dims is None or not isinstance(dims[axis], int):
+                raise ExportError(f"Split node {node.name!r} has no static input shape; cannot write it at opset 17")
+            size, count = dims[axis], num_outputs
+            chunk = -(-size // count)  # ceil, as opset 18 defines it: the last piece may be smaller
+            sizes = [chunk] * (count - 1) + [size - chunk * (count - 1)]
+            name = f"{node.name or node.output[0]}_split_sizes"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), name))
+            del node.input[1:]
+            node.input.append(name)
+            node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
+        node.domain = _HOLD_DOMAIN
+        node.op_type = "HeldSplit"
+    model.opset_import.append(onnx.helper.make_opsetid(_HOLD_DOMAIN, 1))
+    return True
+
+
+def _release_splits(model: onnx.ModelProto, held: bool) -> None:
+    if not held:
+        return
+    for node in model.graph.node:
+        if node.domain == _HOLD_DOMAIN:
+            node.domain, node.op_type = "", "Split"
+    for i, entry in reversed(list(enumerate(model.opset_import))):
+        if entry.domain == _HOLD_DOMAIN:
+            del model.opset_import[i]
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
 
 
 # attributes that later opsets added with a default meaning "as before"; the converter sometimes leaves them behind

@@ -143,6 +143,27 @@ def test_opset_follows_the_profile(tmp_path):
         assert all(a.name != "noop_with_empty_axes" for n in m.graph.node for a in n.attribute) or opset >= 18
 
 
+class _Chunks(torch.nn.Module):
+    """torch.chunk/split export as opset-18 Split with `num_outputs` (uneven: 10 -> 4, 4, 2) or explicit sizes."""
+
+    def forward(self, x):
+        a, b, c = torch.chunk(x, 3, dim=1)
+        d, e = torch.split(x, [3, 7], dim=1)
+        return a * 2 + b[:, :2].sum() - c.mean(), d.sum() + e
+
+
+def test_split_is_written_at_opset_17(tmp_path):
+    x = torch.randn(1, 10, 4, 4)
+    info = export_onnx(_Chunks().eval(), (x,), tmp_path / "split.onnx", "trt-safe")
+    m = onnx.load(info.path)
+    splits = [n for n in m.graph.node if n.op_type == "Split"]
+    assert opset_of(m) == 17 and splits, "the Split must survive the down-conversion as a Split"
+    assert all(n.domain == "" and len(n.input) == 2 for n in splits)
+    assert all(a.name != "num_outputs" for n in splits for a in n.attribute)
+    assert [o.domain for o in m.opset_import] == [""]
+    assert info.parity <= 1e-5
+
+
 def test_external_data_over_the_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "EXTERNAL_DATA_THRESHOLD", 1024)  # stands in for 2 GiB
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU()).eval()
