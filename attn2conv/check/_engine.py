@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import onnx
 from attn2conv.targets import SEVERITIES, Profile, ProfileError, resolve_target
 
 from . import _rules as R
-from ._load import InputError, LoadedModel, infer_shapes, read_model
+from ._load import GraphIndex, InputError, LoadedModel, infer_shapes, read_model
 
+_OUTPUTS = attrgetter("output")
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 # dtypes every op accepts in practice; only tensors of other types are considered by the op_dtype rule
@@ -140,15 +142,39 @@ def _graphs(graph: onnx.GraphProto, depth: int = 0) -> list[onnx.GraphProto]:
     return out
 
 
-def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = True) -> list[Finding]:
+def _judge_type(key: bytes, rules) -> tuple[list, int]:
+    """(failing (rule, values) pairs, element type) of one serialized TypeProto."""
+    decoded = R.decode_type(onnx.TypeProto.FromString(key))
+    if decoded is None:
+        return [], 0
+    elem, dims = decoded
+    fails = []
+    for rule, fn in rules:
+        values = fn(elem, dims, rule.params)
+        if values is not None:
+            fails.append((rule, values))
+    return fails, elem
+
+
+def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = True,
+              index: GraphIndex | None = None) -> list[Finding]:
+    """All findings of `profile` on `model`, in graph order.
+
+    Per-element work is kept to what can break a rule: node op types are grouped, and only nodes whose op type
+    has an op-level rule, node predicates, a dtype question or is a Constant are opened; tensor types are judged
+    once per distinct type, and tensor names are read only for types that break a rule.
+    """
     comp = _compile(profile)
     out = _Collector(profile)
     graphs = _graphs(model.graph) if has_subgraphs else [model.graph]
-    ctx = R.Context(graphs)
+    main = index if index is not None and index.graph is model.graph else GraphIndex(model.graph)
+    indexes = [main] + [GraphIndex(g) for g in graphs[1:]]
+    ctx = R.Context(graphs, indexes)
+    facts = R.GraphFacts(main)
 
     node_order: dict[int, int] | None = None
     for rule, fn in comp.graph_rules:
-        for where, values in fn(model, profile, rule.params):
+        for where, values in fn(model, profile, rule.params, facts):
             if isinstance(where, onnx.NodeProto):  # a graph-wide rule that names the node it blames
                 if node_order is None:
                     node_order = {id(n): i for i, n in enumerate(n for g in graphs for n in g.node)}
@@ -156,34 +182,34 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
             else:
                 out.add(rule, None, values, -1, op="", name="<graph>", tensor=where)
 
-    # -- tensors: evaluate each distinct (type) once; remember where the failing ones are --------------------------
+    # -- tensors: evaluate each distinct (type) once; read names only where a type fails or has an odd dtype -------
     odd_dtype: dict[str, int] = {}  # tensors with a dtype outside _PLAIN_DTYPES, for op_dtype
     tensor_hits: list[tuple[Any, str, dict]] = []
     if comp.tensor_rules or comp.op_dtype_rule:
-        act_rules = [(r, f) for r, f in comp.tensor_rules]
+        act_rules = list(comp.tensor_rules)
         weight_rules = [(r, f) for r, f in comp.tensor_rules if r.check not in R.ACTIVATION_ONLY]
         cache: dict[bytes, tuple[list, int]] = {}
-        for g in graphs:
-            for seq in (g.input, g.output, g.value_info):
-                for v in seq:
-                    key = v.type.SerializeToString()
+        for g, idx in zip(graphs, indexes):
+            for field_name in ("input", "output", "value_info"):
+                keys = idx.type_keys(field_name)
+                flagged = set()
+                for key in set(keys):
                     hit = cache.get(key)
                     if hit is None:
-                        decoded = R.decode_type(v.type)
-                        fails = []
-                        elem = 0
-                        if decoded is not None:
-                            elem, dims = decoded
-                            for rule, fn in act_rules:
-                                values = fn(elem, dims, rule.params)
-                                if values is not None:
-                                    fails.append((rule, values))
-                        hit = cache[key] = (fails, elem)
-                    if hit[0]:
-                        for rule, values in hit[0]:
-                            tensor_hits.append((rule, v.name, values))
-                    if hit[1] and hit[1] not in _PLAIN_DTYPES:
-                        odd_dtype[v.name] = hit[1]
+                        hit = cache[key] = _judge_type(key, act_rules)
+                    if hit[0] or (hit[1] and hit[1] not in _PLAIN_DTYPES):
+                        flagged.add(key)
+                if not flagged:
+                    continue
+                seq = getattr(g, field_name)
+                for i, key in enumerate(keys):
+                    if key in flagged:
+                        fails, elem = cache[key]
+                        name = seq[i].name
+                        for rule, values in fails:
+                            tensor_hits.append((rule, name, values))
+                        if elem and elem not in _PLAIN_DTYPES:
+                            odd_dtype[name] = elem
             for t in g.initializer:
                 if t.data_type not in _PLAIN_DTYPES:
                     odd_dtype[t.name] = t.data_type
@@ -194,17 +220,17 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                         if values is not None:
                             tensor_hits.append((rule, t.name, values))
 
-    # -- nodes: one pass ---------------------------------------------------------------------------------------------
+    # -- nodes: one dict lookup per op type; only nodes of op types that can break a rule are opened -----------------
     node_rules = comp.node_rules
-    op_cache: dict[str, tuple[Any, list, bool]] = {}
+    op_cache: dict[str, tuple[Any, list, bool, bool]] = {}
     dtype_rule = comp.op_dtype_rule if odd_dtype else None
     odd_names = {R.DTYPE_NAMES.get(c, str(c)) for c in odd_dtype.values()}
     consts = ctx.constants
-    order = 0
-    producers: dict[str, tuple[onnx.NodeProto, int]] | None = {} if tensor_hits else None
-    for g in graphs:
-        for node in g.node:
-            op = node.op_type
+    start = 0  # graph order of the first node of the current graph
+    for g, idx in zip(graphs, indexes):
+        ops = idx.op_types
+        hot = set()
+        for op in set(ops):
             entry = op_cache.get(op)
             if entry is None:
                 in_matrix = op in profile.ops
@@ -212,48 +238,70 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                 wants_dtype = dtype_rule is not None and in_matrix and bool(
                     {_CAST_DOWN.get(n, n) for n in odd_names} - comp.allowed_dtypes.get(op, frozenset()))
                 entry = op_cache[op] = (op_rule, node_rules.get(op, []), wants_dtype, in_matrix)
-            op_rule, checks, wants_dtype, in_matrix = entry
-            if not in_matrix:  # unknown op type: the domain decides between "unsupported" and "plugin"
-                op_rule = profile.op_rule(op, node.domain)
-            if op_rule is not None:
-                out.add(op_rule, node, {"domain": node.domain}, order)
-            if checks:
-                try:
-                    attrs = R.node_attrs(node)
-                    for rule, fn in checks:
-                        values = fn(ctx, node, attrs, rule.params)
-                        if values is not None:
-                            out.add(rule, node, values, order)
-                except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
-                    msg = " ".join(str(exc).split())[:160]
-                    raise InputError(f"node {node.name or order} ({op}) is malformed: {msg}") from None
-            if wants_dtype and node.input:
-                code = odd_dtype.get(node.input[0])
-                if code is not None:
-                    name = R.DTYPE_NAMES.get(code, str(code))
-                    allowed = comp.allowed_dtypes.get(op, frozenset())
-                    if _CAST_DOWN.get(name, name) not in allowed:
-                        out.add(dtype_rule, node, {"dtype": name, "allowed": "/".join(sorted(allowed)) or "none"},
-                                order)
-            if op == "Constant":
-                consts.update(node.output)
-            if producers is not None:
-                for o in node.output:
-                    producers[o] = (node, order)
-            order += 1
+            if entry[0] is not None or entry[1] or entry[2] or not entry[3] or op == "Constant":
+                hot.add(op)
+        if hot:
+            nodes = g.node
+            for i in [i for i, op in enumerate(ops) if op in hot]:
+                node = nodes[i]
+                op = ops[i]
+                order = start + i
+                op_rule, checks, wants_dtype, in_matrix = op_cache[op]
+                if not in_matrix:  # unknown op type: the domain decides between "unsupported" and "plugin"
+                    op_rule = profile.op_rule(op, node.domain)
+                if op_rule is not None:
+                    out.add(op_rule, node, {"domain": node.domain}, order)
+                if checks:
+                    try:
+                        attrs = ctx.attrs(node)
+                        for rule, fn in checks:
+                            values = fn(ctx, node, attrs, rule.params)
+                            if values is not None:
+                                out.add(rule, node, values, order)
+                    except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
+                        msg = " ".join(str(exc).split())[:160]
+                        raise InputError(f"node {node.name or order} ({op}) is malformed: {msg}") from None
+                if wants_dtype and node.input:
+                    code = odd_dtype.get(node.input[0])
+                    if code is not None:
+                        name = R.DTYPE_NAMES.get(code, str(code))
+                        allowed = comp.allowed_dtypes.get(op, frozenset())
+                        if _CAST_DOWN.get(name, name) not in allowed:
+                            out.add(dtype_rule, node, {"dtype": name, "allowed": "/".join(sorted(allowed)) or "none"},
+                                    order)
+                if op == "Constant":
+                    consts.update(node.output)
+        start += len(ops)
 
     R.release_tables()  # producer/consumer tables of the precision rules: this model only
-    inits = ctx.initializer_names() if tensor_hits else frozenset()
-    for rule, tensor, values in tensor_hits:
-        prod = producers.get(tensor) if producers else None
-        if rule.check in R.ACTIVATION_ONLY and (tensor in inits or (prod and _weight_producer(prod[0], inits))):
-            continue  # weights recorded in value_info: their layout is not NCHW
-        if prod is not None:
-            out.add(rule, prod[0], values, prod[1], tensor=tensor)
-        else:
-            out.add(rule, None, values, -1, op="", name=tensor, tensor=tensor)
+    if tensor_hits:
+        inits = ctx.initializer_names()
+        producers = _producers(graphs, indexes, {t for _, t, _ in tensor_hits})
+        for rule, tensor, values in tensor_hits:
+            prod = producers.get(tensor)
+            if rule.check in R.ACTIVATION_ONLY and (tensor in inits or (prod and _weight_producer(prod[0], inits))):
+                continue  # weights recorded in value_info: their layout is not NCHW
+            if prod is not None:
+                out.add(rule, prod[0], values, prod[1], tensor=tensor)
+            else:
+                out.add(rule, None, values, -1, op="", name=tensor, tensor=tensor)
 
     return sorted(out.items, key=lambda f: (f.order, SEVERITIES.index(f.severity), f.rule, f.tensor or ""))
+
+
+def _producers(graphs, indexes, wanted: set[str]) -> dict[str, tuple[onnx.NodeProto, int]]:
+    """(node, graph order) of the last node that outputs each wanted tensor."""
+    found: dict[str, tuple[onnx.NodeProto, int]] = {}
+    start = 0
+    for g, idx in zip(graphs, indexes):
+        nodes = g.node
+        for i, outputs in enumerate(map(_OUTPUTS, nodes)):
+            if not wanted.isdisjoint(outputs):
+                for o in outputs:
+                    if o in wanted:
+                        found[o] = (nodes[i], start + i)
+        start += len(idx.op_types)
+    return found
 
 
 def _weight_producer(node: onnx.NodeProto, inits) -> bool:
@@ -341,9 +389,10 @@ def check(model: str | Path | onnx.ModelProto | bytes, target: str | Path | Prof
             n = len(loaded.model.functions)
             loaded.model = onnx.inliner.inline_local_functions(loaded.model)
             loaded.notes.append(f"inlined {n} local function(s)")
+            loaded.has_subgraphs = loaded.has_subgraphs or loaded.index.has_subgraph_ops  # inlined If/Loop bodies
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{loaded.display_name}: cannot inline local functions: {exc}".splitlines()[0]) from None
     infer_shapes(loaded, shape_inference)
-    findings = run_rules(loaded.model, profile, loaded.has_subgraphs)
+    findings = run_rules(loaded.model, profile, loaded.has_subgraphs, loaded.index)
     return CheckResult(profile=profile, findings=findings, model_name=loaded.display_name, fail_on=fail_on,
                        notes=loaded.notes, loaded=loaded)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter, methodcaller
 from pathlib import Path
 
 import onnx
@@ -20,6 +22,13 @@ from google.protobuf.message import DecodeError
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; weights beyond this must be external
 MAX_GRAPH_DEPTH = 16  # nested subgraphs (If/Loop/Scan bodies)
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+_OP_TYPE = attrgetter("op_type")
+_NAME = attrgetter("name")
+_OUTPUT = attrgetter("output")
+_TYPE = attrgetter("type")
+_SERIALIZE = methodcaller("SerializeToString")
 
 
 class InputError(ValueError):
@@ -33,6 +42,37 @@ class ExternalRef:
     length: int | None
 
 
+class GraphIndex:
+    """What the checker reads from every node or tensor of one graph, read once and shared by the loader, the
+    shape-inference decision and the rules. ``map``/``attrgetter`` keep the per-element work in C: on a
+    100,000-node graph a Python-level loop over the protobuf nodes costs as much as parsing the file."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.op_types: list[str] = list(map(_OP_TYPE, graph.node))
+        self._type_keys: dict[str, list[bytes]] = {}
+        self._names: dict[str, list[str]] = {}
+
+    def type_keys(self, field_name: str) -> list[bytes]:
+        """The serialized TypeProto of each entry of ``input``, ``output`` or ``value_info`` (equal bytes, equal
+        type: the tensor rules judge each distinct type once)."""
+        keys = self._type_keys.get(field_name)
+        if keys is None:
+            keys = self._type_keys[field_name] = list(map(_SERIALIZE, map(_TYPE, getattr(self.graph, field_name))))
+        return keys
+
+    def names(self, field_name: str) -> list[str]:
+        """The names of the entries of ``input``, ``output`` or ``value_info``, in order."""
+        names = self._names.get(field_name)
+        if names is None:
+            names = self._names[field_name] = list(map(_NAME, getattr(self.graph, field_name)))
+        return names
+
+    @property
+    def has_subgraph_ops(self) -> bool:
+        return not _SUBGRAPH_OPS.isdisjoint(self.op_types)
+
+
 @dataclass
 class LoadedModel:
     model: onnx.ModelProto
@@ -43,6 +83,14 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     has_subgraphs: bool = False  # set by the validation walk; lets the engine skip a second scan
     _sha256: str | None = field(default=None, repr=False)
+    _index: GraphIndex | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> GraphIndex:
+        """The index of the main graph of ``model`` (rebuilt when ``model`` was replaced, e.g. by inference)."""
+        if self._index is None or self._index.graph is not self.model.graph:
+            self._index = GraphIndex(self.model.graph)
+        return self._index
 
     @property
     def sha256(self) -> str:
@@ -124,13 +172,14 @@ def _validate(loaded: LoadedModel) -> None:
         raise InputError(f"{name}: default-domain opset {default[0]} is outside 1..{newest} known to onnx "
                          f"{onnx.__version__}")
     base = loaded.path.parent.resolve() if loaded.path else None
-    _walk_initializers(model.graph, loaded, base, depth=0)
+    _walk_initializers(model.graph, loaded, base, depth=0, op_types=loaded.index.op_types)
     for fn in model.functions:  # local functions can nest graphs too
         for node in fn.node:
             _check_node_subgraphs(node, loaded, base, 1)
 
 
-def _walk_initializers(graph: onnx.GraphProto, loaded: LoadedModel, base: Path | None, depth: int) -> None:
+def _walk_initializers(graph: onnx.GraphProto, loaded: LoadedModel, base: Path | None, depth: int,
+                       op_types: list[str] | None = None) -> None:
     if depth > MAX_GRAPH_DEPTH:
         raise InputError(f"{loaded.display_name}: subgraphs nested deeper than {MAX_GRAPH_DEPTH} levels")
     for init in graph.initializer:
@@ -140,10 +189,15 @@ def _walk_initializers(graph: onnx.GraphProto, loaded: LoadedModel, base: Path |
         for t in (sparse.values, sparse.indices):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 loaded.external.append(_external_ref(t, loaded, base))
-    for node in graph.node:
-        if node.op_type in _SUBGRAPH_OPS:
-            loaded.has_subgraphs = True
-            _check_node_subgraphs(node, loaded, base, depth + 1)
+    if op_types is None:
+        op_types = list(map(_OP_TYPE, graph.node))
+    if _SUBGRAPH_OPS.isdisjoint(op_types):
+        return
+    loaded.has_subgraphs = True
+    nodes = graph.node
+    for i, op in enumerate(op_types):
+        if op in _SUBGRAPH_OPS:
+            _check_node_subgraphs(nodes[i], loaded, base, depth + 1)
 
 
 def _check_node_subgraphs(node: onnx.NodeProto, loaded: LoadedModel, base: Path | None, depth: int) -> None:
@@ -204,18 +258,20 @@ def external_data_digests(loaded: LoadedModel) -> list[dict[str, object]]:
 
 
 def infer_shapes(loaded: LoadedModel, mode: str = "auto") -> None:
-    """Run ONNX shape inference in place when the graph lacks intermediate shapes.
+    """Run ONNX shape inference in place unless the graph already records every shape inference could give.
 
-    ``auto`` infers only when the graph records fewer value_info entries than it has nodes (exporters such as
-    torch.onnx dynamo record them all, and inference is the most expensive step on very large graphs).
+    ``auto`` skips inference only when every node output is recorded (value_info or graph output) with a tensor
+    type of known element type and fully static dims, and no node carries a subgraph: inference keeps recorded
+    shapes, so it could not change what the rules see (exporters such as torch.onnx dynamo record them all, and
+    inference is the most expensive step on very large graphs). ``always`` and ``never`` force the choice.
     Weights are never needed: initializers with external data still carry their dims.
     """
     if mode not in ("auto", "always", "never"):
         raise InputError(f"shape inference mode {mode!r} is not auto, always or never")
-    g = loaded.model.graph
-    if mode == "never" or (mode == "auto" and len(g.value_info) + len(g.output) >= len(g.node)):
-        if mode == "auto":
-            loaded.notes.append("shape inference skipped: the graph already records intermediate shapes")
+    if mode == "never":
+        return
+    if mode == "auto" and not loaded.has_subgraphs and shapes_complete(loaded.index):
+        loaded.notes.append("shape inference skipped: the graph records a static shape for every node output")
         return
     try:
         inferred = onnx.shape_inference.infer_shapes(loaded.model, check_type=False, strict_mode=False,
@@ -224,3 +280,30 @@ def infer_shapes(loaded: LoadedModel, mode: str = "auto") -> None:
         loaded.notes.append(f"shape inference failed ({_one_line(exc)[:120]}); shape rules saw recorded shapes only")
         return
     loaded.model = inferred
+
+
+def _static_type(key: bytes) -> bool:
+    tp = onnx.TypeProto.FromString(key)
+    if not tp.HasField("tensor_type"):
+        return False
+    tt = tp.tensor_type
+    return bool(tt.elem_type) and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
+
+
+def shapes_complete(index: GraphIndex) -> bool:
+    """True when every node output of the graph has a recorded, fully static tensor type."""
+    g = index.graph
+    if len(g.value_info) + len(g.output) < len(g.node):  # cheap: fewer records than nodes (each has an output)
+        return False
+    names: set[str] = set()
+    partial: set[str] = set()  # names with at least one record that is not static
+    for field_name in ("value_info", "output"):
+        keys = index.type_keys(field_name)
+        static = {k: _static_type(k) for k in set(keys)}
+        if all(static.values()):
+            names.update(index.names(field_name))
+        else:
+            for name, k in zip(index.names(field_name), keys):
+                (names if static[k] else partial).add(name)
+    names -= partial
+    return names.issuperset(filter(None, chain.from_iterable(map(_OUTPUT, g.node))))

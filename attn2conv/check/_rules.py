@@ -13,6 +13,7 @@ parameters. Each predicate returns ``None`` when the rule holds, or a dict of va
 
 from __future__ import annotations
 
+from operator import methodcaller
 from typing import Any, Callable
 
 import onnx
@@ -25,6 +26,7 @@ SHORT_DTYPES = {
     "B": "BOOL", "FP8": "FLOAT8E4M3FN", "I4": "INT4",
 }
 _A = onnx.AttributeProto
+_SERIALIZE = methodcaller("SerializeToString")
 
 Dims = tuple  # of int (static), str (symbolic) or None (unknown)
 
@@ -83,12 +85,23 @@ def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
 class Context:
     """What node predicates may ask about the graph; every table is built on first use only."""
 
-    def __init__(self, graphs: list[onnx.GraphProto]):
+    def __init__(self, graphs: list[onnx.GraphProto], indexes: list | None = None):
         self._graphs = graphs
-        self._types: dict[str, onnx.TypeProto] | None = None
+        self._indexes = indexes  # GraphIndex per graph (names and serialized types already read), or None
+        self._types: dict[str, Any] | None = None  # name -> TypeProto or its serialized bytes
         self._decoded: dict[str, Any] = {}
+        self._by_key: dict[bytes, Any] = {}
         self._inits: dict[str, tuple[int, tuple[int, ...]]] | None = None
         self.constants: set[str] = set()  # outputs of Constant nodes, filled by the node loop (topological order)
+        self._attrs: dict[tuple[bytes, ...], dict[str, Any]] = {}
+
+    def attrs(self, node: onnx.NodeProto) -> dict[str, Any]:
+        """node_attrs(node), decoded (and validated) once per distinct attribute list. Shared: do not mutate."""
+        key = tuple(map(_SERIALIZE, node.attribute))
+        hit = self._attrs.get(key)
+        if hit is None:
+            hit = self._attrs[key] = node_attrs(node)
+        return hit
 
     def _init_table(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         if self._inits is None:
@@ -111,12 +124,23 @@ class Context:
             return init
         if self._types is None:
             self._types = {}
-            for g in self._graphs:
-                for seq in (g.input, g.output, g.value_info):
-                    for v in seq:
-                        self._types[v.name] = v.type
+            for i, g in enumerate(self._graphs):
+                for field_name in ("input", "output", "value_info"):
+                    if self._indexes is not None:  # later entries win, as in the loop below
+                        idx = self._indexes[i]
+                        self._types.update(zip(idx.names(field_name), idx.type_keys(field_name)))
+                    else:
+                        for v in getattr(g, field_name):
+                            self._types[v.name] = v.type
         tp = self._types.get(name)
-        out = decode_type(tp) if tp is not None else None
+        if tp is None:
+            out = None
+        elif isinstance(tp, bytes):
+            if tp not in self._by_key:
+                self._by_key[tp] = decode_type(onnx.TypeProto.FromString(tp))
+            out = self._by_key[tp]
+        else:
+            out = decode_type(tp)
         self._decoded[name] = out
         return out
 
@@ -541,13 +565,13 @@ ACTIVATION_ONLY = frozenset({"tensor_static", "tensor_dims_max", "tensor_batch_m
 
 
 # -- graph predicates: yield (tensor or None, values) ----------------------------------------------------------------
-def opset(model: onnx.ModelProto, profile, p):
+def opset(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx") and not profile.opset_min <= o.version <= profile.opset_max:
             yield None, {"opset": o.version, "opset_min": profile.opset_min, "opset_max": profile.opset_max}
 
 
-def io_dtype(model: onnx.ModelProto, profile, p):
+def io_dtype(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     g = model.graph
     inits = {t.name for t in g.initializer} if g.initializer else set()
     for role, seq in (("input", g.input), ("output", g.output)):
@@ -560,7 +584,7 @@ def io_dtype(model: onnx.ModelProto, profile, p):
                 yield v.name, {"role": role, "tensor": v.name, "dtype": name or t[0]}
 
 
-def graph_float(model: onnx.ModelProto, profile, p):
+def graph_float(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     g = model.graph
     seen = set()
     for seq in (g.input, g.output):
@@ -584,13 +608,37 @@ def _model_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
     return [model.graph]
 
 
-def _holds(model: onnx.ModelProto, code: int) -> bool:
+def _holds(model: onnx.ModelProto, code: int, facts: GraphFacts | None = None) -> bool:
     """Cheap pre-test: does any recorded tensor type (I/O, value_info, initializers) have element type `code`?"""
+    if facts is not None:
+        return code in facts.dtypes
     g = model.graph
     if any(t.data_type == code for t in g.initializer):
         return True
     return any(v.type.tensor_type.elem_type == code for seq in (g.input, g.output, g.value_info) for v in seq
                if v.type.HasField("tensor_type"))
+
+
+class GraphFacts:
+    """Whole-graph facts for the graph predicates, computed once per check from the engine's index."""
+
+    def __init__(self, index):
+        self._index = index
+        self._dtypes: frozenset[int] | None = None
+
+    @property
+    def dtypes(self) -> frozenset[int]:
+        """Element types of the main graph's recorded tensor types (I/O, value_info) and initializers."""
+        if self._dtypes is None:
+            g = self._index.graph
+            codes = {t.data_type for t in g.initializer}
+            for field_name in ("input", "output", "value_info"):
+                for key in set(self._index.type_keys(field_name)):
+                    tp = onnx.TypeProto.FromString(key)
+                    if tp.HasField("tensor_type"):
+                        codes.add(tp.tensor_type.elem_type)
+            self._dtypes = frozenset(codes)
+        return self._dtypes
 
 
 def _plain_1x1_conv(tables: _Tables, node: onnx.NodeProto) -> bool:
@@ -604,10 +652,10 @@ def _plain_1x1_conv(tables: _Tables, node: onnx.NodeProto) -> bool:
             and attrs.get("group", 1) == 1)
 
 
-def fp32_compute(model: onnx.ModelProto, profile, p):
+def fp32_compute(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     """In a graph that computes in FP16, the nodes that still compute in FP32 (a float32 data input), except the
     documented exception (safety: 1x1 convolutions with stride 1, no padding, no dilation, one group)."""
-    if not _holds(model, _T.FLOAT16):
+    if not _holds(model, _T.FLOAT16, facts):
         return
     tables = _graph_tables(_model_graphs(model))
     for node in model.graph.node:
@@ -620,10 +668,10 @@ def fp32_compute(model: onnx.ModelProto, profile, p):
         yield node, {"dtype": "FLOAT"}
 
 
-def fp16_eps(model: onnx.ModelProto, profile, p):
+def fp16_eps(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     """An FP16 constant below FP16's smallest normal (2^-14) added right before a Sqrt, Reciprocal or divisor (the
     epsilon of a normalisation, as an Add or as the bias of the variance-mean conv)."""
-    if not _holds(model, _T.FLOAT16):
+    if not _holds(model, _T.FLOAT16, facts):
         return
     tables = _graph_tables(_model_graphs(model))
     limit = float(p.get("min_normal", 2.0 ** -14))
@@ -651,9 +699,9 @@ def fp16_eps(model: onnx.ModelProto, profile, p):
                 break
 
 
-def int8_unscaled(model: onnx.ModelProto, profile, p):
+def int8_unscaled(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     """INT8 tensors read by anything but a DequantizeLinear: integer data without a scale."""
-    if not _holds(model, _T.INT8):
+    if not _holds(model, _T.INT8, facts):
         return
     tables = _graph_tables(_model_graphs(model))
     for node in model.graph.node:
@@ -666,7 +714,7 @@ def int8_unscaled(model: onnx.ModelProto, profile, p):
                 break
 
 
-def int8_ranges(model: onnx.ModelProto, profile, p):
+def int8_ranges(model: onnx.ModelProto, profile, p, facts: GraphFacts | None = None):
     """A model declared INT8 without Q/DQ (implicit quantization) must carry a dynamic range for the tensors it
     quantizes (metadata ``attn2conv.int8.ranges``: JSON {tensor: amax}), each finite, positive, and in the graph."""
     meta = {m.key: m.value for m in model.metadata_props}
