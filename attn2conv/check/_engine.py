@@ -388,6 +388,7 @@ def check(model: str | Path | onnx.ModelProto | bytes, target: str | Path | Prof
 
             n = len(loaded.model.functions)
             loaded.model = onnx.inliner.inline_local_functions(loaded.model)
+            loaded.model_is_data = False
             loaded.notes.append(f"inlined {n} local function(s)")
             loaded.has_subgraphs = loaded.has_subgraphs or loaded.index.has_subgraph_ops  # inlined If/Loop bodies
         except Exception as exc:  # noqa: BLE001
