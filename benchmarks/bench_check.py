@@ -1,19 +1,23 @@
 """Benchmark: attn2conv-check time over onnx.load time (not a test; writes benchmarks/results/check.json).
 
-    .venv/bin/python benchmarks/bench_check.py [--repeats 5] [--out benchmarks/results/check.json]
+    .venv/bin/python benchmarks/bench_check.py [--repeats 5] [--sizes 10000,25000,50000,100000] [--quiet]
 
 Graphs (built with onnx.helper, weights embedded so both sides parse the same bytes):
 - vit_b: a ViT-B/16-sized graph (12 blocks, width 768, MLP 3072, 197 tokens, ~86 M float32 weights) with
   intermediate shapes recorded, as torch.onnx records them;
-- chain_N: a synthetic N-node Conv/Relu/Add/Sigmoid chain for N in 25k, 50k, 100k, once with value_info recorded
-  and once without (then `auto` runs ONNX shape inference; `never` skips it).
-Reported: medians of the repeats; ratio = check() / onnx.load(path, load_external_data=False).
+- chain_N: a synthetic N-node Conv/Relu/Add/Sigmoid chain, once with value_info recorded (`auto` then skips ONNX
+  shape inference after checking that every node output has a static recorded shape) and once without (`auto`
+  then runs inference); `never` skips inference.
+Reported: medians of interleaved repeats; ratio = check() / onnx.load(path, load_external_data=False).
+floor_ratio: parsing the file and reading every node's op_type in a Python loop, over onnx.load: the least any
+check that looks at every node from Python can cost. load_avg: 1-minute load average before and after the graph.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -96,53 +100,80 @@ def chain(n: int, value_info: bool) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(m) if value_info else m
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up
-    ts = []
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, run in turns (load, check, load, check, ...) so load drifts hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    runs = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            runs[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), v) for k, v in runs.items()}
 
 
-def measure(path: Path, target: str, repeats: int, shape_inference: str) -> dict:
-    load, load_all = median_time(lambda: onnx.load(str(path), load_external_data=False), repeats)
-    chk, chk_all = median_time(lambda: check(path, target, shape_inference=shape_inference), repeats)
+def _parse_and_read_op_types(path: Path) -> None:
+    m = onnx.ModelProto()
+    m.ParseFromString(path.read_bytes())
+    for n in m.graph.node:
+        n.op_type
+
+
+def measure(path: Path, target: str, repeats: int, shape_inference: str, floor: bool = False) -> dict:
+    load_avg = round(os.getloadavg()[0], 2)
+    fns = {"load": lambda: onnx.load(str(path), load_external_data=False),
+           "check": lambda: check(path, target, shape_inference=shape_inference)}
+    if floor:
+        fns["floor"] = lambda: _parse_and_read_op_types(path)
+    t = interleaved_medians(fns, repeats)
+    load, chk = t["load"][0], t["check"][0]
     res = check(path, target, shape_inference=shape_inference)
     m = onnx.load(str(path), load_external_data=False)
-    return {
+    row = {
         "nodes": len(m.graph.node), "value_info": len(m.graph.value_info), "bytes": path.stat().st_size,
         "target": target, "shape_inference": shape_inference, "load_s": round(load, 5), "check_s": round(chk, 5),
-        "ratio": round(chk / load, 2), "findings": len(res.findings),
-        "load_runs_s": [round(t, 5) for t in load_all], "check_runs_s": [round(t, 5) for t in chk_all],
+        "ratio": round(chk / load, 2), "findings": len(res.findings), "notes": res.notes,
+        "load_runs_s": [round(x, 5) for x in t["load"][1]], "check_runs_s": [round(x, 5) for x in t["check"][1]],
     }
+    if floor:
+        row["floor_s"] = round(t["floor"][0], 5)
+        row["floor_ratio"] = round(t["floor"][0] / load, 2)
+    row["load_avg"] = [load_avg, round(os.getloadavg()[0], 2)]
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--sizes", default="25000,50000,100000")
+    ap.add_argument("--sizes", default="10000,25000,50000,100000")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "check.json"))
+    ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B graph (340 MB of weights)")
     ap.add_argument("--no-plot", action="store_true", help="skip check_vs_load.png")
+    ap.add_argument("--quiet", action="store_true", help="print only the output paths")
     args = ap.parse_args()
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "vit_b.onnx"
-        onnx.save(vit_b(), str(p))
-        for target in ("trt-safe", "dla"):
-            rows.append({"graph": "vit_b", **measure(p, target, args.repeats, "auto")})
-            print(rows[-1]["graph"], target, rows[-1]["ratio"], flush=True)
-        p.unlink()
+        if not args.no_vit:
+            p = Path(tmp) / "vit_b.onnx"
+            onnx.save(vit_b(), str(p))
+            for target in ("trt-safe", "dla"):
+                rows.append({"graph": "vit_b", **measure(p, target, args.repeats, "auto")})
+                say("vit_b", target, "load", rows[-1]["load_s"], "check", rows[-1]["check_s"], "ratio",
+                    rows[-1]["ratio"], "load avg", rows[-1]["load_avg"])
+            p.unlink()
         for n in map(int, args.sizes.split(",")):
-            for vi, modes in ((True, ("auto",)), (False, ("auto", "never"))):
+            for vi in (True, False):
                 p = Path(tmp) / f"chain_{n}_{vi}.onnx"
                 onnx.save(chain(n, vi), str(p))
-                for mode in modes:
-                    r = {"graph": f"chain_{n}", "recorded_shapes": vi, **measure(p, "trt-safe", args.repeats, mode)}
+                for mode in ("auto", "never"):
+                    r = {"graph": f"chain_{n}", "recorded_shapes": vi,
+                         **measure(p, "trt-safe", args.repeats, mode, floor=(mode == "auto"))}
                     rows.append(r)
-                    print(r["graph"], "value_info" if vi else "no value_info", mode, r["load_s"], r["check_s"],
-                          r["ratio"], flush=True)
+                    say(r["graph"], "value_info" if vi else "no value_info", mode, "load", r["load_s"], "check",
+                        r["check_s"], "ratio", r["ratio"], "floor", r.get("floor_ratio", "-"), "load avg",
+                        r["load_avg"])
                 p.unlink()
     doc = {"benchmark": "attn2conv-check time / onnx.load time", "repeats": args.repeats,
            "python": platform.python_version(), "onnx": onnx.__version__, "machine": platform.machine(),

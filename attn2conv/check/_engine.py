@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from itertools import compress
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                 hot.add(op)
         if hot:
             nodes = g.node
-            for i in [i for i, op in enumerate(ops) if op in hot]:
+            for i in compress(range(len(ops)), map(hot.__contains__, ops)):  # selected in C
                 node = nodes[i]
                 op = ops[i]
                 order = start + i

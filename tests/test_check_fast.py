@@ -1,0 +1,150 @@
+"""The checker's fast paths give the same findings as the full path.
+
+`shape_inference="auto"` skips ONNX shape inference only when every node output already has a static recorded
+shape; it must never see less than `always`. Large graphs read node outputs through a merged-message view of the
+file instead of node by node; both must agree.
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from attn2conv.check import _load, check
+from attn2conv.check._load import GraphIndex, node_outputs, shapes_complete
+
+from _check_models import conv_net, init, model, vi
+
+SKIPPED = "shape inference skipped"
+WIDE = [1, 8000, 2, 2]  # channels over trt-safe's 4096: a finding on every tensor of this shape
+
+
+def _concat_net(value_info, outputs=None):
+    """x [1,4000,2,2] -> Relu -> Concat(axis 1) -> [1,8000,2,2] -> Relu -> y: the wide tensors exist only after
+    the Concat, so their findings need recorded or inferred shapes."""
+    nodes = [h.make_node("Relu", ["x"], ["r"], name="relu0"),
+             h.make_node("Concat", ["r", "r"], ["c"], name="cat0", axis=1),
+             h.make_node("Relu", ["c"], ["y"], name="relu1")]
+    return model(nodes, [vi("x", [1, 4000, 2, 2])], outputs or [vi("y", WIDE)], value_info=value_info)
+
+
+def _split_net(value_info):
+    """One node with two outputs (a node count is not an output count)."""
+    nodes = [h.make_node("Split", ["x", "sizes"], ["a", "b"], name="split0", axis=1),
+             h.make_node("Relu", ["a"], ["ra"], name="relu_a"), h.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             h.make_node("Concat", ["ra", "rb"], ["y"], name="cat0", axis=1)]
+    sizes = onnx.numpy_helper.from_array(__import__("numpy").array([4000, 4000], "int64"), "sizes")
+    return model(nodes, [vi("x", WIDE)], [vi("y", WIDE)], inits=[sizes], value_info=value_info)
+
+
+HALF = [1, 4000, 2, 2]
+GRAPHS = {
+    "complete": (_concat_net([vi("r", HALF), vi("c", WIDE)]), True),
+    "one value_info missing": (_concat_net([vi("r", HALF)]), False),
+    # a stale entry keeps the count of records equal to the count of nodes: the old count test skipped inference
+    "missing, stale entry instead": (_concat_net([vi("r", HALF), vi("gone", [1])]), False),
+    "symbolic dim recorded": (_concat_net([vi("r", HALF), vi("c", ["N", 8000, 2, 2])]), False),
+    "output without shape": (_concat_net([vi("r", HALF), vi("c", WIDE)], outputs=[vi("y", None)]), False),
+    "split: one of two outputs missing": (_split_net([vi("a", HALF), vi("ra", HALF), vi("rb", HALF)]), False),
+    "split complete": (_split_net([vi(n, HALF) for n in ("a", "b", "ra", "rb")]), True),
+    "conv net, output without shape": (conv_net(), False),
+}
+
+
+def _findings(result):
+    return [f.to_dict() for f in result.findings]
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+@pytest.mark.parametrize("target", ["trt-safe", "dla"])
+def test_auto_gives_the_findings_of_always(name, target):
+    m, complete = GRAPHS[name]
+    auto = check(m, target, fail_on="note")
+    always = check(m, target, fail_on="note", shape_inference="always")
+    assert _findings(auto) == _findings(always)
+    assert any(SKIPPED in n for n in auto.notes) == complete  # the fast path was taken exactly when it is exact
+
+
+def test_missing_shape_is_inferred_not_skipped():
+    # the old count test skipped inference here and lost the channel findings on c
+    m, _ = GRAPHS["missing, stale entry instead"]
+    wide = {f.tensor for f in check(m, "trt-safe").findings if f.rule == "A2C-SAFE-TENSOR-CHANNELS"}
+    assert wide == {"c", "y"}
+    never = {f.tensor for f in check(m, "trt-safe", shape_inference="never").findings
+             if f.rule == "A2C-SAFE-TENSOR-CHANNELS"}
+    assert never == {"y"}
+
+
+def test_duplicate_value_info_keeps_every_record():
+    # two records for one tensor, one of them wide: the wide one is still judged, as the full scan judged it
+    m = _concat_net([vi("r", HALF), vi("c", [1, 8, 2, 2]), vi("c", WIDE)])
+    hits = [f for f in check(m, "trt-safe", shape_inference="never").findings if f.rule == "A2C-SAFE-TENSOR-CHANNELS"]
+    assert sorted(f.tensor for f in hits) == ["c", "y"]
+
+
+@pytest.mark.parametrize("name", ["complete", "one value_info missing", "split: one of two outputs missing"])
+def test_file_bytes_and_proto_agree_with_the_merged_outputs_view(tmp_path, monkeypatch, name):
+    m, complete = GRAPHS[name]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    expected = _findings(check(m, "trt-safe", fail_on="note"))
+    for merge_bytes in (1, 10**9):  # node by node; merged view
+        monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", merge_bytes)
+        for src in (path, m.SerializeToString()):
+            res = check(src, "trt-safe", fail_on="note")
+            assert _findings(res) == expected
+            assert any(SKIPPED in n for n in res.notes) == complete
+
+
+def test_merged_outputs_view_lists_every_output_in_order(monkeypatch):
+    m, _ = GRAPHS["split complete"]
+    m.graph.node.append(h.make_node("Dropout", ["y"], ["z", ""], name="drop0"))  # an empty optional output
+    data = m.SerializeToString()
+    by_node = [o for n in m.graph.node for o in n.output]
+    monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", 10**9)
+    assert list(node_outputs(m.graph, data)) == by_node == ["a", "b", "ra", "rb", "y", "z", ""]
+    monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", 1)
+    assert list(node_outputs(m.graph, data)) == by_node
+
+
+def test_shapes_complete_needs_every_output_static():
+    assert shapes_complete(GraphIndex(GRAPHS["complete"][0].graph))
+    for name in ("one value_info missing", "symbolic dim recorded", "output without shape"):
+        assert not shapes_complete(GraphIndex(GRAPHS[name][0].graph)), name
+    # an element type of 0 (undefined) is not a recorded type either
+    m = _concat_net([vi("r", HALF), vi("c", WIDE, T.UNDEFINED)])
+    assert not shapes_complete(GraphIndex(m.graph))
+
+
+def test_precision_rules_see_fp16_in_value_info_only():
+    # the FP16-graph pre-test reads recorded types from the index: an FP16 tensor recorded only in value_info
+    # makes the graph an FP16 graph, and the FP32 compute rule then names the FP32 node
+    nodes = [h.make_node("Cast", ["x"], ["x16"], name="cast0", to=T.FLOAT16),
+             h.make_node("Cast", ["x16"], ["x32"], name="cast1", to=T.FLOAT),
+             h.make_node("Relu", ["x32"], ["y"], name="relu0")]
+    m = model(nodes, [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])],
+              value_info=[vi("x16", [1, 4, 8, 8], T.FLOAT16), vi("x32", [1, 4, 8, 8])])
+    hits = [f.node for f in check(m, "trt-safe", fail_on="note").findings if f.rule == "A2C-SAFE-PREC-FP32-LAYER"]
+    assert hits == ["relu0"]
+    del m.graph.value_info[0]  # no FP16 tensor recorded anywhere: not an FP16 graph
+    hits = [f.node for f in check(m, "trt-safe", fail_on="note", shape_inference="never").findings
+            if f.rule == "A2C-SAFE-PREC-FP32-LAYER"]
+    assert hits == []
+
+
+def test_inlined_function_with_a_subgraph_is_checked():
+    # an If that only appears once local functions are inlined: its branches must be opened
+    then = h.make_graph([h.make_node("MatMul", ["a", "a"], ["o"], name="mm_in_branch")], "then", [],
+                        [vi("o", [2, 2])], [init("a", [2, 2])])
+    other = h.make_graph([h.make_node("Identity", ["a2"], ["o2"], name="id0")], "else", [], [vi("o2", [2, 2])],
+                         [init("a2", [2, 2])])
+    fn = h.make_function("local", "branchy", ["c"], ["o"],
+                         [h.make_node("If", ["c"], ["o"], then_branch=then, else_branch=other)],
+                         [h.make_opsetid("", 17)])
+    m = model([h.make_node("branchy", ["c"], ["y"], domain="local", name="call0")], [vi("c", [], T.BOOL)],
+              [vi("y", [2, 2])], domains=["local"])
+    m.functions.append(fn)
+    rules = {f.rule for f in check(m, "trt-safe", fail_on="note").findings}
+    assert "A2C-SAFE-OP-MATMUL" in rules
