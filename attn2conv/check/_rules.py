@@ -27,6 +27,7 @@ SHORT_DTYPES = {
 }
 _A = onnx.AttributeProto
 _SERIALIZE = methodcaller("SerializeToString")
+_MISSING = object()
 
 Dims = tuple  # of int (static), str (symbolic) or None (unknown)
 
@@ -116,8 +117,9 @@ class Context:
 
     def tensor(self, name: str) -> tuple[int, Dims | None] | None:
         """(elem_type, dims) of a tensor by name, from initializers, graph I/O and value_info."""
-        if name in self._decoded:
-            return self._decoded[name]
+        hit = self._decoded.get(name, _MISSING)
+        if hit is not _MISSING:
+            return hit
         init = self._init_table().get(name)
         if init is not None:
             self._decoded[name] = init
