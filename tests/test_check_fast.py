@@ -13,7 +13,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from attn2conv.check import _load, check
-from attn2conv.check._load import GraphIndex, node_outputs, shapes_complete
+from attn2conv.check._load import GraphIndex, merged_view, read_model, shapes_complete
 
 from _check_models import conv_net, init, model, vi
 
@@ -98,15 +98,56 @@ def test_file_bytes_and_proto_agree_with_the_merged_outputs_view(tmp_path, monke
             assert any(SKIPPED in n for n in res.notes) == complete
 
 
-def test_merged_outputs_view_lists_every_output_in_order(monkeypatch):
+def _lists(index):
+    return (index.op_types, list(index.node_outputs()),
+            [(index.names(f), index.type_keys(f)) for f in ("input", "output", "value_info")])
+
+
+def test_merged_view_gives_the_lists_read_node_by_node(monkeypatch):
     m, _ = GRAPHS["split complete"]
     m.graph.node.append(h.make_node("Dropout", ["y"], ["z", ""], name="drop0"))  # an empty optional output
     data = m.SerializeToString()
-    by_node = [o for n in m.graph.node for o in n.output]
     monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", 10**9)
-    assert list(node_outputs(m.graph, data)) == by_node == ["a", "b", "ra", "rb", "y", "z", ""]
-    monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", 1)
-    assert list(node_outputs(m.graph, data)) == by_node
+    view, canonical = merged_view(m, data)
+    assert view is not None and canonical
+    merged, by_node = GraphIndex(m.graph, view, canonical), GraphIndex(m.graph)
+    assert merged._aligned("node", "op_type", len(m.graph.node)) is not None  # the view's lists are the ones used
+    assert _lists(merged) == _lists(by_node)
+    assert list(merged.node_outputs()) == ["a", "b", "ra", "rb", "y", "z", ""]
+
+
+def _varint(n):
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _field(number, payload):  # a length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_non_canonical_file_cannot_misalign_the_view(tmp_path, monkeypatch):
+    # Two appended value_info records: one with its name twice (the parser keeps "c"), one with no name. The counts
+    # of names and records agree, so only the canonical-bytes test tells that the view's names are off by one.
+    m, _ = GRAPHS["missing, stale entry instead"]
+    wide = h.make_tensor_type_proto(T.FLOAT, WIDE).SerializeToString()
+    rec1 = _field(1, b"zzz") + _field(1, b"c") + _field(2, wide)
+    rec2 = _field(2, h.make_tensor_type_proto(T.FLOAT, [1]).SerializeToString())
+    data = m.SerializeToString() + _field(7, _field(13, rec1) + _field(13, rec2))  # a second graph field merges
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    full = onnx.load(str(path))
+    assert [v.name for v in full.graph.value_info][-2:] == ["c", ""]
+    monkeypatch.setattr(_load, "_MERGE_BYTES_PER_NODE", 10**9)
+    view, canonical = merged_view(full, data)
+    assert view is not None and not canonical
+    assert list(view.value_info.name)[-2:] == ["zzz", "c"]  # what a view trusted blindly would have used
+    loaded = read_model(path)
+    assert _lists(loaded.index) == _lists(GraphIndex(full.graph))
+    assert _findings(check(path, "trt-safe", fail_on="note")) == _findings(check(full, "trt-safe", fail_on="note"))
 
 
 def test_shapes_complete_needs_every_output_static():

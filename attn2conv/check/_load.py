@@ -31,48 +31,61 @@ _TYPE = attrgetter("type")
 _SERIALIZE = methodcaller("SerializeToString")
 
 
-def _all_outputs_class():
-    """A message class that reads an ONNX model's bytes as ``graph.node.output`` only, with ``graph.node`` declared
-    as ONE message: protobuf merges repeated occurrences of a singular message field and appends repeated fields,
-    so every output of every node of the main graph lands, in order, in one repeated field, all in C (about a third
-    of the cost of reading ``node.output`` node by node). Fields it does not declare are kept as unknown bytes."""
+def _merged_view_class():
+    """A message class that reads an ONNX model's bytes as one merged node and one merged record per I/O list.
+
+    ``graph.node`` (and ``graph.input``/``output``/``value_info``) are declared as ONE message each: protobuf merges
+    repeated occurrences of a singular message field and appends repeated fields, so every node's outputs and op type,
+    and every record's name and type, land in order in one repeated field each, parsed in C; reading them costs a
+    fraction of creating a Python object per node. Other fields are kept as unknown bytes (copied, weights too).
+    """
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    fdp = descriptor_pb2.FileDescriptorProto(name="attn2conv_check_outputs.proto", package="attn2conv_check",
-                                             syntax="proto2")
     f = descriptor_pb2.FieldDescriptorProto
-    msg = fdp.message_type.add(name="AllOutputs")
-    msg.field.add(name="output", number=2, type=f.TYPE_STRING, label=f.LABEL_REPEATED)  # NodeProto.output
-    msg = fdp.message_type.add(name="Graph")
-    msg.field.add(name="node", number=1, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,  # GraphProto.node, merged
-                  type_name=".attn2conv_check.AllOutputs")
-    msg = fdp.message_type.add(name="Model")
-    msg.field.add(name="graph", number=7, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,  # ModelProto.graph
+    fdp = descriptor_pb2.FileDescriptorProto(name="attn2conv_check_view.proto", package="attn2conv_check",
+                                             syntax="proto2")
+    msg = fdp.message_type.add(name="Nodes")  # NodeProto: output = 2, op_type = 4
+    msg.field.add(name="output", number=2, type=f.TYPE_STRING, label=f.LABEL_REPEATED)
+    msg.field.add(name="op_type", number=4, type=f.TYPE_STRING, label=f.LABEL_REPEATED)
+    msg = fdp.message_type.add(name="Records")  # ValueInfoProto: name = 1, type = 2
+    msg.field.add(name="name", number=1, type=f.TYPE_STRING, label=f.LABEL_REPEATED)
+    msg.field.add(name="type", number=2, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
+    msg = fdp.message_type.add(name="Graph")  # GraphProto: node = 1, input = 11, output = 12, value_info = 13
+    msg.field.add(name="node", number=1, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                  type_name=".attn2conv_check.Nodes")
+    for name, number in (("input", 11), ("output", 12), ("value_info", 13)):
+        msg.field.add(name=name, number=number, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                      type_name=".attn2conv_check.Records")
+    msg = fdp.message_type.add(name="Model")  # ModelProto: graph = 7
+    msg.field.add(name="graph", number=7, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
                   type_name=".attn2conv_check.Graph")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("attn2conv_check.Model"))
 
 
-_ALL_OUTPUTS: list = []  # the class, built on first use
-# Reading all outputs through the merged message copies the model's other bytes (weights included) as unknown
-# fields; node by node costs about 1.5 us a node. Merge when the graph has more than one node per this many bytes.
+_VIEW_CLASS: list = []  # built on first use
+# The merged view copies the model's other bytes (weights included) as unknown fields; creating Python objects node
+# by node costs about 1.5 us a node. Use the view when the graph has more than one node per this many bytes.
 _MERGE_BYTES_PER_NODE = 4096
 
 
-def node_outputs(graph: onnx.GraphProto, data: bytes | None = None):
-    """Every output name of every node of `graph`, in order (empty names included). `data`: the serialized model
-    whose main graph is `graph`, when the caller has it (read through the merged message when that is cheaper)."""
-    if data is not None and len(graph.node) * _MERGE_BYTES_PER_NODE > len(data):
-        if not _ALL_OUTPUTS:
-            _ALL_OUTPUTS.append(_all_outputs_class())
-        view = _ALL_OUTPUTS[0]()
-        try:
-            view.ParseFromString(data)
-            return view.graph.node.output
-        except (DecodeError, RuntimeError, ValueError):  # the full parse succeeded: read node by node instead
-            pass
-    return chain.from_iterable(map(_OUTPUT, graph.node))
+def merged_view(model: onnx.ModelProto, data: bytes | None):
+    """(main-graph view, canonical) for a model parsed from `data`, or (None, False) when not worth it.
+
+    The concatenated outputs are exact whatever the encoding. Per-element lists (op types, record names and types)
+    line up with the nodes and records only if each carries its field exactly once; `canonical` (the bytes are what
+    serializing the parsed model gives back, so no field occurs twice) together with equal counts proves that."""
+    if data is None or len(model.graph.node) * _MERGE_BYTES_PER_NODE <= len(data):
+        return None, False
+    if not _VIEW_CLASS:
+        _VIEW_CLASS.append(_merged_view_class())
+    view = _VIEW_CLASS[0]()
+    try:
+        view.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):  # the full parse succeeded: the index reads node by node
+        return None, False
+    return view.graph, model.SerializeToString() == data
 
 
 class InputError(ValueError):
@@ -87,30 +100,54 @@ class ExternalRef:
 
 
 class GraphIndex:
-    """What the checker reads from every node or tensor of one graph, read once and shared by the loader, the
-    shape-inference decision and the rules. ``map``/``attrgetter`` keep the per-element work in C: on a
-    100,000-node graph a Python-level loop over the protobuf nodes costs as much as parsing the file."""
+    """What the checker reads from every node or record of one graph, read once and shared by the loader, the
+    shape-inference decision and the rules. ``map``/``attrgetter`` keep the per-element loop in C; `view` (see
+    merged_view) avoids the Python object per element altogether."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, view=None, canonical: bool = False):
         self.graph = graph
-        self.op_types: list[str] = list(map(_OP_TYPE, graph.node))
+        self._view = view
+        self._canonical = canonical
+        ops = self._aligned("node", "op_type", len(graph.node))
+        self.op_types: list[str] = ops if ops is not None else list(map(_OP_TYPE, graph.node))
         self._type_keys: dict[str, list[bytes]] = {}
         self._names: dict[str, list[str]] = {}
+
+    def _aligned(self, field_name: str, sub: str, n: int):
+        """The view's list `field_name.sub` when it has exactly one entry per element (else None)."""
+        if self._view is None or not self._canonical:
+            return None
+        values = getattr(getattr(self._view, field_name), sub)
+        return list(values) if len(values) == n else None
 
     def type_keys(self, field_name: str) -> list[bytes]:
         """The serialized TypeProto of each entry of ``input``, ``output`` or ``value_info`` (equal bytes, equal
         type: the tensor rules judge each distinct type once)."""
         keys = self._type_keys.get(field_name)
         if keys is None:
-            keys = self._type_keys[field_name] = list(map(_SERIALIZE, map(_TYPE, getattr(self.graph, field_name))))
+            seq = getattr(self.graph, field_name)
+            keys = self._aligned(field_name, "type", len(seq))
+            if keys is None:
+                keys = list(map(_SERIALIZE, map(_TYPE, seq)))
+            self._type_keys[field_name] = keys
         return keys
 
     def names(self, field_name: str) -> list[str]:
         """The names of the entries of ``input``, ``output`` or ``value_info``, in order."""
         names = self._names.get(field_name)
         if names is None:
-            names = self._names[field_name] = list(map(_NAME, getattr(self.graph, field_name)))
+            seq = getattr(self.graph, field_name)
+            names = self._aligned(field_name, "name", len(seq))
+            if names is None:
+                names = list(map(_NAME, seq))
+            self._names[field_name] = names
         return names
+
+    def node_outputs(self):
+        """Every output name of every node, in order (empty names included)."""
+        if self._view is not None:
+            return self._view.node.output
+        return chain.from_iterable(map(_OUTPUT, self.graph.node))
 
     @property
     def has_subgraph_ops(self) -> bool:
@@ -134,7 +171,8 @@ class LoadedModel:
     def index(self) -> GraphIndex:
         """The index of the main graph of ``model`` (rebuilt when ``model`` was replaced, e.g. by inference)."""
         if self._index is None or self._index.graph is not self.model.graph:
-            self._index = GraphIndex(self.model.graph)
+            data = self.data if isinstance(self.data, bytes) and self.model_is_data else None
+            self._index = GraphIndex(self.model.graph, *merged_view(self.model, data))
         return self._index
 
     @property
@@ -316,7 +354,7 @@ def infer_shapes(loaded: LoadedModel, mode: str = "auto") -> None:
     if mode == "never":
         return
     data = loaded.data if isinstance(loaded.data, bytes) and loaded.model_is_data else None
-    if mode == "auto" and not loaded.has_subgraphs and shapes_complete(loaded.index, data):
+    if mode == "auto" and not loaded.has_subgraphs and shapes_complete(loaded.index):
         loaded.notes.append("shape inference skipped: the graph records a static shape for every node output")
         return
     try:  # from the file's bytes when they are what was parsed: saves serializing the model again
@@ -337,9 +375,8 @@ def _static_type(key: bytes) -> bool:
     return bool(tt.elem_type) and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
 
 
-def shapes_complete(index: GraphIndex, data: bytes | None = None) -> bool:
-    """True when every node output of the graph has a recorded, fully static tensor type. `data`: the serialized
-    model the graph was parsed from, if at hand (see node_outputs)."""
+def shapes_complete(index: GraphIndex) -> bool:
+    """True when every node output of the graph has a recorded, fully static tensor type."""
     g = index.graph
     if len(g.value_info) + len(g.output) < len(g.node):  # cheap: fewer records than nodes (each has an output)
         return False
@@ -354,4 +391,4 @@ def shapes_complete(index: GraphIndex, data: bytes | None = None) -> bool:
             for name, k in zip(index.names(field_name), keys):
                 (names if static[k] else partial).add(name)
     names -= partial
-    return names.issuperset(filter(None, node_outputs(g, data)))
+    return names.issuperset(filter(None, index.node_outputs()))
