@@ -207,7 +207,14 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.barh(labels, [r["ratio"] for r in rows], color="tab:blue")
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("attn2conv-check time / onnx.load time (median)")
+    ax.axvline(1.5, color="tab:red", lw=0.8, ls="--", label="target 1.5x")
+    floors = [(lab, r["floor_ratio"]) for lab, r in zip(labels, rows) if "floor_ratio" in r]
+    if floors:
+        ax.scatter([f for _, f in floors], [lab for lab, _ in floors], color="tab:orange", marker="|", s=120,
+                   zorder=3, label="parse + Python op_type loop")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("attn2conv-check time / onnx.load time (median, log scale)")
     ax.set_title("verifier cost relative to parsing the file", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
