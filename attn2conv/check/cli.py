@@ -46,7 +46,8 @@ class CheckTool:
         p.add_argument("--max-findings", type=int, metavar="N", help="list at most N findings (the verdict counts all)")
         p.add_argument("--certificate", metavar="FILE", help="write a JSON certificate of this check")
         p.add_argument("--shape-inference", choices=("auto", "always", "never"), default="auto",
-                       help="run ONNX shape inference: auto = only when the graph records no intermediate shapes")
+                       help="run ONNX shape inference: auto = unless every node output already has a recorded "
+                            "static shape (then inference could not change the findings)")
         p.add_argument("--build", action="store_true",
                        help="also parse and build the engine with TensorRT (needs the trt extra and a GPU; "
                             "otherwise says so in one line and skips); a failed build makes the exit status 1")
