@@ -68,6 +68,7 @@ _VIEW_CLASS: list = []  # built on first use
 # The merged view copies the model's other bytes (weights included) as unknown fields; creating Python objects node
 # by node costs about 1.5 us a node. Use the view when the graph has more than one node per this many bytes.
 _MERGE_BYTES_PER_NODE = 4096
+_VIEW_MAX_BYTES = 512 * 1024**2  # the view and the canonical-bytes test each hold another copy of the file
 
 
 def merged_view(model: onnx.ModelProto, data: bytes | None):
@@ -76,7 +77,7 @@ def merged_view(model: onnx.ModelProto, data: bytes | None):
     The concatenated outputs are exact whatever the encoding. Per-element lists (op types, record names and types)
     line up with the nodes and records only if each carries its field exactly once; `canonical` (the bytes are what
     serializing the parsed model gives back, so no field occurs twice) together with equal counts proves that."""
-    if data is None or len(model.graph.node) * _MERGE_BYTES_PER_NODE <= len(data):
+    if data is None or len(model.graph.node) * _MERGE_BYTES_PER_NODE <= len(data) or len(data) > _VIEW_MAX_BYTES:
         return None, False
     if not _VIEW_CLASS:
         _VIEW_CLASS.append(_merged_view_class())
