@@ -58,7 +58,7 @@ class LayerNormDecompose(GraphPass):
     removes = ("aten.layer_norm", "aten.native_layer_norm", "aten.group_norm", "aten.native_group_norm",
                "aten.mean", "aten.pow", "aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d")
     introduces = ("aten.conv2d", "aten.add", "aten.mul", "aten.sqrt", "aten.div", "aten.rsqrt", "aten.mean",
-                  "aten.sub", "aten.avg_pool2d", "aten.permute", "aten.reshape")
+                  "aten.sub", "aten.avg_pool2d", "aten.permute", "aten.reshape", "aten.clamp")
     summary = "LayerNorm / GroupNorm(1) / channel means -> 1x1 Conv means, Mul, Sqrt, Div (affine folded)"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -178,7 +178,7 @@ class LayerNormDecompose(GraphPass):
             sq = b.call(aten.mul.Tensor, centred, centred)
             var = b.call(aten.add.Tensor, _spatial_mean(b, _channel_mean_conv(b, sq, c, 1.0 / c, 0.0), h, w),
                          float(eps))
-        y = _scale(b, centred, var, modes)
+        y = _scale(b, centred, var, modes, float(eps))
         y = _affine(b, y, gamma, beta, c)
         replace_uses(out, y)
         if out is not node:
@@ -248,7 +248,16 @@ def _choose_modes(ctx: PassContext) -> dict | None:
     norm = ctx.option(ID, "norm", "auto")
     if norm == "auto":
         norm = "div" if onnx_cost(profile, ["Sqrt", "Div"]) <= onnx_cost(profile, ["Sqrt", "Reciprocal"]) else "rsqrt"
+        if onnx_cost(profile, NORM_OPS[norm]) >= ERROR_COST:
+            # the target rejects Sqrt (DLA): Pow(z, -0.5) where allowed, else the Sqrt-free Newton form; ties go to
+            # the earlier (cheaper) form
+            norm = min((norm, "pow", "newton"), key=lambda form: onnx_cost(profile, NORM_OPS[form]))
     return {"mean": mean, "norm": norm}
+
+
+ERROR_COST = 1000  # onnx_cost of one error-severity op
+NORM_OPS = {"div": ["Sqrt", "Div"], "rsqrt": ["Sqrt", "Reciprocal", "Mul"], "pow": ["Pow", "Mul"],
+            "newton": ["Conv", "Clip", "Mul", "Add"]}
 
 
 def _is_channel_mean(node: fx.Node) -> bool:
@@ -283,13 +292,54 @@ def _normalise(b: Builder, x4: fx.Node, c: int, eps: float, modes: dict) -> fx.N
         centred = b.call(aten.add.Tensor, x4, _channel_mean_conv(b, x4, c, -1.0 / c, 0.0))
         # eps rides in the conv bias: var + eps costs no extra op
         var = _channel_mean_conv(b, b.call(aten.mul.Tensor, centred, centred), c, 1.0 / c, eps)
-    return _scale(b, centred, var, modes)
+    return _scale(b, centred, var, modes, eps)
 
 
-def _scale(b: Builder, centred: fx.Node, var_eps: fx.Node, modes: dict) -> fx.Node:
+def _scale(b: Builder, centred: fx.Node, var_eps: fx.Node, modes: dict, eps: float) -> fx.Node:
     if modes["norm"] == "rsqrt":
         return b.call(aten.mul.Tensor, centred, b.call(aten.rsqrt.default, var_eps))
+    if modes["norm"] == "pow":
+        return b.call(aten.mul.Tensor, centred, b.call(aten.pow.Tensor_Scalar, var_eps, -0.5))
+    if modes["norm"] == "newton":
+        return b.call(aten.mul.Tensor, centred, _newton_rsqrt(b, var_eps, eps))
     return b.call(aten.div.Tensor, centred, b.call(aten.sqrt.default, var_eps))
+
+
+NEWTON_MAX = 2.0 ** 40  # z above ~3x this makes Newton diverge (variances of 1e12, activations of ~1e6)
+NEWTON_STEPS = 3
+
+
+def _newton_rsqrt(b: Builder, z: fx.Node, eps: float) -> fx.Node:
+    """z^(-1/2) for z >= eps without Sqrt, Pow or Div (DLA runs none of them through TensorRT 8.6).
+
+    Initial guess: the chord interpolation of z^(-1/2) between knots a_k = a_0 * 2^k (a_0 = eps, up to NEWTON_MAX),
+    as a sum of non-negative terms (no cancellation, also in FP16):
+        r0 = f(a_K) + sum_k (f(a_k) - f(a_k+1)) * clip(2 - z / a_k, 0, 1)
+    i.e. Conv 1->K, Clip, Conv K->1: within 4.6 % of z^(-1/2) on [a_0, a_K]. Then NEWTON_STEPS steps of
+    r <- r * (1.5 - 0.5 z r^2), which square the relative error each time (4.6e-2 -> 3.3e-3 -> 1.6e-5 -> 4e-10):
+    the result is z^(-1/2) to float32 rounding.
+    """
+    shape_z = shape(z)
+    a0 = max(float(eps), 2.0 ** -40)
+    k = max(1, math.ceil(math.log2(NEWTON_MAX / a0)))
+    knots = torch.tensor([a0 * 2.0 ** i for i in range(k + 1)], dtype=torch.float64)
+    f = knots.rsqrt()
+    w1 = (-1.0 / knots[:-1]).reshape(k, 1, 1, 1)
+    u = b.call(aten.conv2d.default, z, b.constant(w1.float(), "rsqrt_knot_weight"),
+               b.constant(torch.full((k,), 2.0), "rsqrt_knot_bias"))
+    u = b.call(aten.clamp.default, u, 0.0, 1.0)
+    r = b.call(aten.conv2d.default, u, b.constant((f[:-1] - f[1:]).reshape(1, k, 1, 1).float(), "rsqrt_chord_weight"),
+               b.constant(f[-1:].float(), "rsqrt_chord_bias"))
+    step_w = b.constant(torch.full((1, 1, 1, 1), -0.5), "rsqrt_newton_weight")
+    step_b = b.constant(torch.tensor([1.5]), "rsqrt_newton_bias")
+    for _ in range(NEWTON_STEPS):
+        t = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, r, r), z)
+        if shape_z is not None and len(shape_z) == 4 and shape_z[1] == 1:
+            t = b.call(aten.conv2d.default, t, step_w, step_b)  # 1.5 - 0.5 t as one 1x1 conv
+        else:
+            t = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, t, -0.5), 1.5)
+        r = b.call(aten.mul.Tensor, r, t)
+    return r
 
 
 def _affine(b: Builder, y4: fx.Node, gamma, beta, c: int) -> fx.Node:
