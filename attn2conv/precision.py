@@ -386,8 +386,9 @@ def quantizable_nodes(model: onnx.ModelProto, cfg: PrecisionConfig) -> tuple[lis
 
 
 def _is_scalar_path(node: onnx.NodeProto, weight: onnx.TensorProto) -> bool:
-    """A 1x1 conv on per-token statistics: one input or one output channel, or depthwise (a per-channel scale). The Sqrt-free 1/sqrt of layernorm_decompose (knots, chords, Newton steps on the variance) is made of
-    these; 8-bit steps on a variance that spans decades would wreck it, and they cost nothing in float."""
+    """A 1x1 conv on per-token statistics: one input or one output channel, or depthwise (a per-channel scale).
+    The Sqrt-free 1/sqrt of layernorm_decompose (knots, chords, Newton steps on the variance) is made of these;
+    8-bit steps on a variance that spans decades would wreck it, and they cost nothing in float."""
     dims = list(weight.dims)
     if len(dims) != 4:
         return False
