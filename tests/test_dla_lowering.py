@@ -135,3 +135,37 @@ def test_newton_rsqrt_float16_has_no_overflow():
     assert all(seen)
     ref = z.double().rsqrt()
     assert ((got - ref) / ref).abs().max().item() < 2e-3  # measured 7.8e-4 (FP16 ulp: 9.8e-4)
+
+
+class _Pools(torch.nn.Module):
+    def forward(self, x):  # windows 16 = 8 x 2, 12 = 6 x 2 (max), and a global mean over 13 (prime) columns
+        a = torch.nn.functional.avg_pool2d(x[..., :16], [1, 16], [1, 16])
+        m = torch.nn.functional.max_pool2d(x[..., :24], [1, 12], [1, 12])
+        g = torch.nn.functional.avg_pool2d(x[..., :13], [1, 13], [1, 13])
+        return a, m, g
+
+
+def test_pool_window_split_stages_and_prime_global_mean():
+    x = torch.randn(2, 5, 3, 30)
+    net = _Pools()
+    res = attn2conv.convert(net, "dla", x, pipeline=attn2conv.Pipeline(["pool_window_split"]))
+    assert res.report.passes[0].rewrites == 3
+    for node in res.module.graph.nodes:
+        if op_kind(node) in ("aten.avg_pool2d", "aten.max_pool2d"):
+            assert max(node.args[1]) <= 8
+    assert sum(op_kind(n) == "aten.conv2d" for n in res.module.graph.nodes) == 1  # the 13-wide global mean
+    got, want = res.module(x), net(x)
+    assert torch.equal(got[1], want[1])  # max of maxes: bit-identical
+    assert rel_error(got[0], want[0]) <= 1e-6 and rel_error(got[2], want[2]) <= 1e-6
+
+
+def test_beit_mean_pooled_head_certified_for_dla(tmp_path):
+    """BEiT averages its patch tokens (an AveragePool of window 16 > DLA's 8) before the head."""
+    torch.manual_seed(2)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, img_size=64, embed_dim=48,
+                              num_heads=2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    res = attn2conv.convert(model, "dla", example_inputs=(x,), export=tmp_path / "beit.onnx", guard="final")
+    assert res.certified, res.report.extra["check"]["failing"][:3]
+    with torch.no_grad():
+        assert rel_error(res.module(x), model(x)) <= 1e-5
