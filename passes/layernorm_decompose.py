@@ -11,9 +11,11 @@ Which ONNX ops carry each step is chosen from the target profile, least-flagged 
     -mu             ReduceMean(axis 1) then Sub               1x1 Conv C->1 with constant weights -1/C, then Add
                                                               (broadcast over channels)
     var + eps       ReduceMean(centred * centred) + eps       1x1 Conv C->1, weights 1/C, bias eps, on Mul(c, c)
-    1/sqrt(.)       Sqrt + Div (trt-safe: 2 warnings, DLA: Sqrt error + Div warning), or Sqrt + Reciprocal + Mul
-                    when a profile flags Div more than Reciprocal. No built-in profile accepts Sqrt without comment;
-                    that Sqrt (an IUnaryLayer) is what remains of a LayerNorm on trt-safe (warning) and DLA (error).
+    1/sqrt(.)       Sqrt + Div (trt-safe: 2 warnings), or Sqrt + Reciprocal + Mul when a profile flags Div more
+                    than Reciprocal. Where that form has an error (DLA through TensorRT 8.6: Sqrt is RFE, and so is
+                    Pow; IElementWise on DLA is Sum/Prod/Max/Min/Sub), Pow(z, -0.5) if the profile allows Pow, else
+                    the "newton" form: a chord-interpolated guess (Conv, Relu, Clip, Conv) and three Newton steps
+                    (Mul, 1x1 Conv), exact to float32 rounding (1.4e-7 over z in [1e-6, 1e12]); see _newton_rsqrt.
     gamma, beta     folded into the consumers when every consumer is a Linear with constant weights
                     (W' = W diag(gamma), b' = b + W beta, computed in float64), else Mul + Add by (C, 1, 1) constants.
 
@@ -34,7 +36,7 @@ target flags ReduceMean, a Transpose + Reshape to (1, kept, 1, reduced) and an A
 Numbers: the Conv sums in a different order from PyTorch's LayerNorm kernel, so outputs differ by float rounding
 (ViT-S blocks: ~1e-6 relative; the pipeline guard bounds it at 1e-4).
 Options (ctx.option("layernorm_decompose", key)): keep_legal (True), fold_affine (True), mean ("auto" | "conv" |
-"reduce"), norm ("auto" | "div" | "rsqrt").
+"reduce"), norm ("auto" | "div" | "rsqrt" | "pow" | "newton").
 """
 from __future__ import annotations
 
