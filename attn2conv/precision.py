@@ -378,11 +378,24 @@ def quantizable_nodes(model: onnx.ModelProto, cfg: PrecisionConfig) -> tuple[lis
         w = inits.get(node.input[1]) if len(node.input) > 1 else None
         if w is None:
             continue  # weights computed at run time: nothing TensorRT would quantize per channel
-        if cfg.keep_structural_float and _is_structural(w):
+        if cfg.keep_structural_float and (_is_structural(w) or _is_scalar_path(node, w)):
             kept.append(node.name)
             continue
         chosen.append(node.name)
     return chosen, kept
+
+
+def _is_scalar_path(node: onnx.NodeProto, weight: onnx.TensorProto) -> bool:
+    """A 1x1 conv on per-token statistics: one input or one output channel, or depthwise (a per-channel scale).
+    The Sqrt-free 1/sqrt of layernorm_decompose (knots, chords, Newton steps on the variance) is made of these;
+    8-bit steps on a variance that spans decades would wreck it, and they cost nothing in float."""
+    dims = list(weight.dims)
+    if len(dims) != 4:
+        return False
+    if dims[2] != 1 or dims[3] != 1:
+        return False  # spatial kernels (a grayscale stem conv) are real layers
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return dims[0] == 1 or (dims[1] == 1 and group in (1, dims[0]))
 
 
 def _is_structural(weight: onnx.TensorProto) -> bool:

@@ -11,9 +11,11 @@ Which ONNX ops carry each step is chosen from the target profile, least-flagged 
     -mu             ReduceMean(axis 1) then Sub               1x1 Conv C->1 with constant weights -1/C, then Add
                                                               (broadcast over channels)
     var + eps       ReduceMean(centred * centred) + eps       1x1 Conv C->1, weights 1/C, bias eps, on Mul(c, c)
-    1/sqrt(.)       Sqrt + Div (trt-safe: 2 warnings, DLA: Sqrt error + Div warning), or Sqrt + Reciprocal + Mul
-                    when a profile flags Div more than Reciprocal. No built-in profile accepts Sqrt without comment;
-                    that Sqrt (an IUnaryLayer) is what remains of a LayerNorm on trt-safe (warning) and DLA (error).
+    1/sqrt(.)       Sqrt + Div (trt-safe: 2 warnings), or Sqrt + Reciprocal + Mul when a profile flags Div more
+                    than Reciprocal. Where that form has an error (DLA through TensorRT 8.6: Sqrt is RFE, and so is
+                    Pow; IElementWise on DLA is Sum/Prod/Max/Min/Sub), Pow(z, -0.5) if the profile allows Pow, else
+                    the "newton" form: a chord-interpolated guess (Conv, Relu, Clip, Conv) and three Newton steps
+                    (Mul, 1x1 Conv), exact to float32 rounding (1.4e-7 over z in [1e-6, 1e12]); see _newton_rsqrt.
     gamma, beta     folded into the consumers when every consumer is a Linear with constant weights
                     (W' = W diag(gamma), b' = b + W beta, computed in float64), else Mul + Add by (C, 1, 1) constants.
 
@@ -34,7 +36,7 @@ target flags ReduceMean, a Transpose + Reshape to (1, kept, 1, reduced) and an A
 Numbers: the Conv sums in a different order from PyTorch's LayerNorm kernel, so outputs differ by float rounding
 (ViT-S blocks: ~1e-6 relative; the pipeline guard bounds it at 1e-4).
 Options (ctx.option("layernorm_decompose", key)): keep_legal (True), fold_affine (True), mean ("auto" | "conv" |
-"reduce"), norm ("auto" | "div" | "rsqrt").
+"reduce"), norm ("auto" | "div" | "rsqrt" | "pow" | "newton").
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class LayerNormDecompose(GraphPass):
     removes = ("aten.layer_norm", "aten.native_layer_norm", "aten.group_norm", "aten.native_group_norm",
                "aten.mean", "aten.pow", "aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d")
     introduces = ("aten.conv2d", "aten.add", "aten.mul", "aten.sqrt", "aten.div", "aten.rsqrt", "aten.mean",
-                  "aten.sub", "aten.avg_pool2d", "aten.permute", "aten.reshape")
+                  "aten.sub", "aten.avg_pool2d", "aten.permute", "aten.reshape", "aten.clamp", "aten.relu")
     summary = "LayerNorm / GroupNorm(1) / channel means -> 1x1 Conv means, Mul, Sqrt, Div (affine folded)"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -178,7 +180,7 @@ class LayerNormDecompose(GraphPass):
             sq = b.call(aten.mul.Tensor, centred, centred)
             var = b.call(aten.add.Tensor, _spatial_mean(b, _channel_mean_conv(b, sq, c, 1.0 / c, 0.0), h, w),
                          float(eps))
-        y = _scale(b, centred, var, modes)
+        y = _scale(b, centred, var, modes, float(eps))
         y = _affine(b, y, gamma, beta, c)
         replace_uses(out, y)
         if out is not node:
@@ -248,7 +250,16 @@ def _choose_modes(ctx: PassContext) -> dict | None:
     norm = ctx.option(ID, "norm", "auto")
     if norm == "auto":
         norm = "div" if onnx_cost(profile, ["Sqrt", "Div"]) <= onnx_cost(profile, ["Sqrt", "Reciprocal"]) else "rsqrt"
+        if onnx_cost(profile, NORM_OPS[norm]) >= ERROR_COST:
+            # the target rejects Sqrt (DLA): Pow(z, -0.5) where allowed, else the Sqrt-free Newton form; ties go to
+            # the earlier (cheaper) form
+            norm = min((norm, "pow", "newton"), key=lambda form: onnx_cost(profile, NORM_OPS[form]))
     return {"mean": mean, "norm": norm}
+
+
+ERROR_COST = 1000  # onnx_cost of one error-severity op
+NORM_OPS = {"div": ["Sqrt", "Div"], "rsqrt": ["Sqrt", "Reciprocal", "Mul"], "pow": ["Pow", "Mul"],
+            "newton": ["Conv", "Relu", "Clip", "Mul", "Add"]}
 
 
 def _is_channel_mean(node: fx.Node) -> bool:
@@ -283,13 +294,67 @@ def _normalise(b: Builder, x4: fx.Node, c: int, eps: float, modes: dict) -> fx.N
         centred = b.call(aten.add.Tensor, x4, _channel_mean_conv(b, x4, c, -1.0 / c, 0.0))
         # eps rides in the conv bias: var + eps costs no extra op
         var = _channel_mean_conv(b, b.call(aten.mul.Tensor, centred, centred), c, 1.0 / c, eps)
-    return _scale(b, centred, var, modes)
+    return _scale(b, centred, var, modes, eps)
 
 
-def _scale(b: Builder, centred: fx.Node, var_eps: fx.Node, modes: dict) -> fx.Node:
+def _scale(b: Builder, centred: fx.Node, var_eps: fx.Node, modes: dict, eps: float) -> fx.Node:
     if modes["norm"] == "rsqrt":
         return b.call(aten.mul.Tensor, centred, b.call(aten.rsqrt.default, var_eps))
+    if modes["norm"] == "pow":
+        return b.call(aten.mul.Tensor, centred, b.call(aten.pow.Tensor_Scalar, var_eps, -0.5))
+    if modes["norm"] == "newton":
+        return b.call(aten.mul.Tensor, centred, _newton_rsqrt(b, var_eps, eps))
     return b.call(aten.div.Tensor, centred, b.call(aten.sqrt.default, var_eps))
+
+
+NEWTON_MAX = 2.0 ** 40  # z above ~3x this makes Newton diverge (variances of 1e12, activations of ~1e6)
+NEWTON_STEPS = 3
+FP16_SAFE_KNOT = 2.0 ** 14  # knots up to here use the relu form, whose values stay below 2 * knot (FP16 max 65504)
+
+
+def _newton_rsqrt(b: Builder, z: fx.Node, eps: float) -> fx.Node:
+    """z^(-1/2) for z >= eps without Sqrt, Pow or Div (DLA runs none of them through TensorRT 8.6).
+
+    Initial guess: the chord interpolation of f(z) = z^(-1/2) between knots a_k = eps * 2^k (up to NEWTON_MAX),
+    written as a sum of non-negative terms (no cancellation):
+        r0 = f(a_K) + sum_k (f(a_k) - f(a_k+1)) * u_k,   u_k = clip(2 - z / a_k, 0, 1)
+    u_k is computed in a form whose every intermediate stays small in FP16 as well (the FP16 graph must not overflow):
+    knots <= 2^14: min(relu(2 a_k - z) / a_k, 1) (values <= 2 a_k); larger knots: clip(2 - z / a_k) (|.| <= 2 for
+    FP16 z). That is Conv, Relu, Clip and Conv ops: within 4.6 % of z^(-1/2) on [eps, NEWTON_MAX]. Then NEWTON_STEPS
+    steps of r <- r * (1.5 - 0.5 * (r z) r), which square the relative error each time (4.6e-2 -> 3.3e-3 ->
+    1.6e-5 -> 4e-10): the result is z^(-1/2) to float32 rounding (measured: 1.6e-7 over [1e-6, 1e12]).
+    """
+    a0 = max(float(eps), 2.0 ** -40)
+    k = max(1, math.ceil(math.log2(NEWTON_MAX / a0)))
+    knots = torch.tensor([a0 * 2.0 ** i for i in range(k + 1)], dtype=torch.float64)
+    f = knots.rsqrt()
+    chord = f[:-1] - f[1:]
+    small = int((knots[:-1] <= FP16_SAFE_KNOT).sum())
+    r = None
+    terms = []
+    if small:
+        a = knots[:small]
+        gap = b.call(aten.relu.default, b.call(aten.conv2d.default, z,
+                     b.constant(torch.full((small, 1, 1, 1), -1.0), "rsqrt_knot_weight"),
+                     b.constant((2 * a).float(), "rsqrt_knot_bias")))
+        u = b.call(aten.conv2d.default, gap, b.constant((1 / a).reshape(small, 1, 1, 1).float(), "rsqrt_knot_scale"),
+                   None, [1, 1], [0, 0], [1, 1], small)
+        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[:small]))
+    if small < k:
+        a = knots[small:-1]
+        u = b.call(aten.conv2d.default, z, b.constant((-1 / a).reshape(-1, 1, 1, 1).float(), "rsqrt_knot_weight_hi"),
+                   b.constant(torch.full((len(a),), 2.0), "rsqrt_knot_bias_hi"))
+        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[small:]))
+    for i, (u, c) in enumerate(terms):
+        bias = b.constant(f[-1:].float(), "rsqrt_chord_bias") if i == 0 else None
+        term = b.call(aten.conv2d.default, u, b.constant(c.reshape(1, -1, 1, 1).float(), "rsqrt_chord_weight"), bias)
+        r = term if i == 0 else b.call(aten.add.Tensor, r, term)
+    step_w = b.constant(torch.full((1, 1, 1, 1), -0.5), "rsqrt_newton_weight")
+    step_b = b.constant(torch.tensor([1.5]), "rsqrt_newton_bias")
+    for _ in range(NEWTON_STEPS):
+        t = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, r, z), r)  # (r z) r: r z = z^(1/2) never overflows
+        r = b.call(aten.mul.Tensor, r, b.call(aten.conv2d.default, t, step_w, step_b))  # 1.5 - 0.5 t as a 1x1 conv
+    return r
 
 
 def _affine(b: Builder, y4: fx.Node, gamma, beta, c: int) -> fx.Node:

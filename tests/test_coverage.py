@@ -142,13 +142,8 @@ def test_corpus_family(family, tmp_path):
 # (family, target or "capture") -> the gap, as measured by `attn2conv coverage` (see benchmarks/README.md).
 # Families the latest run did not reach have no entry: a failure there fails the test and names the gap.
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("ViT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("DeiT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("DeiT-III", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("BEiT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("EVA-02", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
-    ("EVA-02", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("CaiT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
+    ("EVA-02", "dla"): "dla-orin-8.6 rejects 8x Unsqueeze, 4x Neg, 4x Concat (rotary embedding: stack, rotate_half)",
     ("Swin", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("SwinV2", "trt"): "trt-10 rejects 8x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
     ("SwinV2", "trt-safe"): "(reason not recorded: run killed before its JSON was written; see the status)",
@@ -162,7 +157,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("XCiT", "trt"): "trt-10 rejects 4x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
     ("XCiT", "trt-safe"): "trt-safe-8.6 rejects 4x ReduceL2, 4x MatMul (A2C-SAFE-OP-REDUCE, A2C-SAFE-OP-MATMUL)",
     ("XCiT", "dla"): "dla-orin-8.6 rejects 11x Sqrt, 7x Concat, 6x Squeeze, 4x ReduceL2, 4x Expand, 4x MatMul (A2C-DLA-OP-UNARY, ...",
-    ("PiT", "dla"): "dla-orin-8.6 rejects 9x Squeeze, 7x Sqrt, 3x Concat (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY, A2C-DLA-OP-RESH...",
     ("LeViT", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("LeViT", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("EfficientFormer", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
@@ -189,10 +183,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("ConViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 3x Squeeze, 2x MatMul, 1x Conv, 1x ReduceSum, 1x Unsqueeze, 1x Concat (A2C-DL...",
     ("CrossViT", "trt-safe"): "trt-safe-8.6 rejects 1x Resize (A2C-SAFE-RESIZE-SIZES)",
     ("CrossViT", "dla"): "dla-orin-8.6 rejects 12x Sqrt, 6x Concat, 6x Squeeze, 2x Conv, 2x Resize, 2x Unsqueeze (A2C-DLA-CONV-STRIDE...",
-    ("HF ViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY)",
-    ("HF DeiT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY)",
     ("HF BEiT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat, 1x AveragePool (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY, A2C-DLA-POO...",
-    ("HF DINOv2", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Conv, 1x Concat (A2C-DLA-CONV-STRIDE, A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY)",
     ("HF Swin", "dla"): "dla-orin-8.6 rejects 11x Sqrt, 3x Concat, 2x AveragePool (A2C-DLA-OP-UNARY, A2C-DLA-CONCAT-AXIS, A2C-DLA-PO...",
     ("HF Swinv2", "trt"): "trt-10 rejects 8x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
     ("HF Swinv2", "trt-safe"): "trt-safe-8.6 rejects 8x ReduceL2, 8x MatMul (A2C-SAFE-OP-REDUCE, A2C-SAFE-OP-MATMUL)",
