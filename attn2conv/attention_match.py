@@ -17,7 +17,8 @@ depends only on parameters and buffers, or in the graph otherwise. Misses return
 
 Talking heads (CaiT): a linear over the head axis before and/or after the softmax, written as permute -> Linear(h, h)
 -> permute (or, after linear_to_conv, a 1x1 convolution whose channels are the heads). Such chains (`replay=True`:
-they contain a channel mix or a permute) are kept as they are, before the softmax in `chain` and between the softmax
+they contain a channel mix or a permute; also chains that multiply the scores by a tensor independent of them: XCiT's
+per-head temperature, SwinV2's logit scale) are kept as they are, before the softmax in `chain` and between the softmax
 and the matmul with v in `post`; the rewrite re-runs them verbatim on its own scores / probabilities, so any per-
 position linear map stays exact. The queries and keys must stay on the last two axes at both ends.
 """
@@ -60,7 +61,7 @@ class AttentionMatch:
     chain: list[fx.Node] = field(default_factory=list)  # nodes from `scores` (excluded) to the softmax input
     mask: fx.Node | None = None  # sdpa attn_mask
     causal: bool = False
-    replay: bool = False  # chain/post mix channels (talking heads) or permute: re-run them verbatim
+    replay: bool = False  # chain/post mix channels (talking heads), permute or scale by a tensor: re-run verbatim
     post: list[fx.Node] = field(default_factory=list)  # nodes from the softmax (excluded) to the matmul with v
 
     @property
@@ -189,8 +190,15 @@ def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str
         elif is_op(node, "aten.mul", "aten.div"):
             a, b = node.args[:2]
             factor_node, factor = (b, _scalar(b)) if _scalar(b) is not None else (a, _scalar(a))
-            if factor is None:
-                return f"{node.name}: scores are multiplied by a tensor, not a scalar"
+            if factor is None:  # a tensor scale (XCiT's per-head temperature, SwinV2's logit scale): replayed
+                scores_side = a if _reaches_matmul(a) else b
+                other = b if scores_side is a else a
+                if not isinstance(scores_side, fx.Node) or _reaches_matmul(other) or \
+                        (is_op(node, "aten.div") and scores_side is not a):
+                    return f"{node.name}: scores are multiplied by a tensor that is not a scale independent of them"
+                mixes = True
+                node = scores_side
+                continue
             scale = scale * factor if is_op(node, "aten.mul") else scale / factor
             node = a if factor_node is b else b
         elif is_op(node, "aten.add", "aten.sub"):
@@ -220,7 +228,10 @@ def _reaches_matmul(node, depth: int = 16) -> bool:
         if is_op(node, *MATMULS):
             return True
         if is_op(node, "aten.mul", "aten.div"):
-            node = node.args[0] if _scalar(node.args[1]) is not None else node.args[1]
+            a, b = node.args[:2]
+            if _scalar(a) is None and _scalar(b) is None:  # a tensor scale: either side may carry the scores
+                return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)
+            node = a if _scalar(b) is not None else b
         elif is_op(node, *NEUTRAL, *RESHAPES, *PERMUTES, "aten.masked_fill", "aten._to_copy") or \
                 _is_channel_mix(node):
             node = node.args[0]
