@@ -37,7 +37,7 @@ ID = "normalize_decompose"
 class NormalizeDecompose(GraphPass):
     id = ID
     exact = True
-    removes = ("aten.linalg_vector_norm", "aten.norm", "aten.sum")
+    removes = ("aten.linalg_vector_norm", "aten.linalg_norm", "aten.norm", "aten.sum")
     introduces = ("aten.mul", "aten.sum", "aten.conv2d", "aten.sqrt", "aten.div", "aten.clamp_min", "aten.relu",
                   "aten.add", "aten.permute", "aten.reshape")
     summary = "L2 norm / F.normalize / sum over one axis -> x*x, ReduceSum or 1x1 Conv, Sqrt, Div (no ReduceL2)"
@@ -51,7 +51,7 @@ class NormalizeDecompose(GraphPass):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op != "call_function":
                 continue
-            if is_op(node, "aten.linalg_vector_norm", "aten.norm"):
+            if is_op(node, "aten.linalg_vector_norm", "aten.linalg_norm", "aten.norm"):
                 if onnx_cost(ctx.profile, ["ReduceL2"]) == 0 and ctx.option(ID, "keep_legal", True):
                     continue
                 reason = _norm(gm, node, use_reduce, use_max)
@@ -76,14 +76,18 @@ def _dims(node: fx.Node, rank: int, index: int, name: str) -> list[int] | None:
 def _norm(gm: fx.GraphModule, node: fx.Node, use_reduce: bool, use_max: bool) -> str | None:
     x = node.args[0]
     xs = shape(x)
-    order = arg(node, 1, "ord" if is_op(node, "aten.linalg_vector_norm") else "p", 2)
     if xs is None or not xs:
         return "input shape unknown"
-    if order not in (2, 2.0):
-        return f"ord={order} norm (only the L2 norm is decomposed)"
     if node.kwargs.get("dtype") is not None:
         return "norm with a dtype cast"
     dims = _dims(node, len(xs), 2, "dim")
+    if is_op(node, "aten.linalg_norm"):  # ord None: the vector 2-norm, or the Frobenius norm over two axes
+        order = arg(node, 1, "ord")
+        order = 2 if order is None or order == "fro" or (order in (2, 2.0) and len(dims) == 1) else order
+    else:
+        order = arg(node, 1, "ord" if is_op(node, "aten.linalg_vector_norm") else "p", 2)
+    if order not in (2, 2.0):
+        return f"ord={order} norm (only the L2 / Frobenius norm is decomposed)"
     keepdim = bool(arg(node, 3, "keepdim", False))
     if not use_reduce and len(dims) != 1:
         return f"L2 norm over axes {dims}: only one axis can be summed by a convolution on this target"
