@@ -130,22 +130,11 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     dtype = arg(node, 2, "dtype") if is_op(node, "aten.softmax") else None
     if dtype is not None and dtype != x.meta["val"].dtype:
         return f"softmax casts to {dtype}"
-    # Down: probabilities -> (neutral ops, leading-dim reshapes, head mixes) -> matmul(probs, v).
-    probs, av, post = node, None, []
-    while True:
-        users = [u for u in probs.users if not is_assert(u)]
-        if len(users) != 1:
-            return f"softmax output has {len(users)} users; attention needs exactly one (the matmul with v)"
-        user = users[0]
-        if is_op(user, *MATMULS) and user.args[0] is probs:
-            av = user
-            break
-        if is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and shape(user)[-2:] == xs[-2:]) or \
-                is_op(user, *PERMUTES) or _is_channel_mix(user, probs):
-            probs = user
-            post.append(user)
-            continue
-        return f"softmax output feeds {op_kind(user)} ({user.name}), not a matmul with v"
+    # Down: probabilities -> (neutral ops, leading-dim reshapes, head mixes, gates, re-normalisation) -> matmul(., v).
+    walked = _walk_probs(node, xs)
+    if isinstance(walked, str):
+        return walked
+    probs, av, post, post_replay = walked
     v = av.args[1]
     vs, outs = shape(v), shape(av)
     n, m = xs[-2], xs[-1]
@@ -158,7 +147,7 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     if isinstance(walked, str):
         return walked
     scores, chain, scale, mixes = walked
-    replay = mixes or any(is_op(p, *PERMUTES) or _is_channel_mix(p) for p in post)
+    replay = mixes or post_replay
     q, k_t = scores.args[:2]
     qs, kts, ss = shape(q), shape(k_t), shape(scores)
     if qs is None or kts is None or qs[:-2] != kts[:-2] or qs[-1] != kts[-2]:
@@ -169,6 +158,46 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
         return f"q {qs} and v {vs} have different leading dims"
     return AttentionMatch("softmax", node, av, q, None, k_t, v, scale, qs[:-2], n, m, qs[-1], vs[-1],
                           scores=scores, chain=chain, replay=replay, post=post)
+
+
+# Ops between the softmax and the matmul with v that the rewrite re-runs verbatim (replay): element-wise gates and
+# mixes with tensors independent of the probabilities (ConViT's gated positional attention), sums over an axis with
+# the division by them (ConViT's re-normalisation), any reshape.
+POST_REPLAYED = ("aten.mul", "aten.div", "aten.add", "aten.sub", "aten.rsub", "aten.sum")
+
+
+def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], bool] | str:
+    """From the softmax down to the matmul with v: (probabilities node read by the matmul, the matmul, the nodes in
+    between in graph order, whether they must be replayed). The nodes in between form a region that nothing outside
+    reads: a chain (CaiT's talking heads) or a small DAG (ConViT: gate, add, sum, divide)."""
+    region, frontier, av = {softmax}, [softmax], None
+    while frontier:
+        cur = frontier.pop()
+        for user in cur.users:
+            if is_assert(user) or user in region:
+                continue
+            if is_op(user, *MATMULS) and user.args[0] is cur and user.args[1] not in region and av in (None, user):
+                av = user
+                continue
+            neutral = is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and
+                                                 shape(user)[-2:] == xs[-2:])
+            if not (neutral or is_op(user, *RESHAPES, *PERMUTES, *POST_REPLAYED) or _is_channel_mix(user, cur)):
+                return f"softmax output feeds {op_kind(user)} ({user.name}), not a matmul with v"
+            region.add(user)
+            frontier.append(user)
+            if len(region) > 64:
+                return "more than 64 ops between the softmax and the matmul with v"
+    if av is None:
+        return "the softmax output does not reach a matmul with v"
+    probs = av.args[0]
+    for node in region:
+        outside = [u for u in node.users if not is_assert(u) and u not in region]
+        if outside != ([av] if node is probs else []):
+            return f"{node.name}: the probabilities are also read outside the attention ({len(outside)} readers)"
+    post = [n for n in softmax.graph.nodes if n in region and n is not softmax]
+    replay = any(not (is_op(n, *NEUTRAL) or (is_op(n, *RESHAPES) and shape(n) and shape(n)[-2:] == xs[-2:]))
+                 for n in post)
+    return probs, av, post, replay
 
 
 def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str:
