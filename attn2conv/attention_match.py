@@ -239,6 +239,8 @@ def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str
                 node = b
             else:
                 return f"{node.name}: neither operand of the addition comes from q @ k^T"
+        elif is_op(node, "aten.copy") and shape(node.args[1]) == shape(node):
+            node = node.args[1]  # copy(dst, src) of dst's shape is src: MViTv2's attn[:, :, 0:, 0:] = attn + rel_pos
         elif is_op(node, "aten.masked_fill"):
             fill = node.args[2]
             if not (isinstance(fill, (int, float)) and fill == float("-inf")):
@@ -264,6 +266,8 @@ def _reaches_matmul(node, depth: int = 16) -> bool:
         elif is_op(node, *NEUTRAL, *RESHAPES, *PERMUTES, "aten.masked_fill", "aten._to_copy") or \
                 _is_channel_mix(node):
             node = node.args[0]
+        elif is_op(node, "aten.copy"):
+            node = node.args[1]
         elif is_op(node, "aten.add", "aten.sub"):
             return _reaches_matmul(node.args[0], depth - 1) or _reaches_matmul(node.args[1], depth - 1)
         else:

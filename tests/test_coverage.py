@@ -153,7 +153,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("SwinV2", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("PVTv2", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("Twins-PCPVT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("Twins-SVT", "trt"): "ExportError: torch.onnx export failed: Failed to convert the exported program to an ONNX model. [96mThis i...",
     ("Twins-SVT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("CoaT-Lite", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("CoaT-Lite", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
