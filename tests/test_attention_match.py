@@ -74,3 +74,18 @@ def test_convit_gpsa_fully_converted_for_trt_safe():
         assert rel_error(result.module(probe), model(probe)) <= 1e-5
     errors = {op["onnx_op"] for op in result.report.illegal_ops if op["severity"] == "error"}
     assert not {"MatMul", "ReduceSum", "Gemm"} & errors
+
+
+def test_mvitv2_pooling_attention_with_in_place_rel_pos_is_matched():
+    """MViTv2 adds its decomposed relative position (computed from q) with attn[:, :, 0:, 0:] = ..., which torch.export
+    writes as copy(scores, scores + rel_pos): the matcher follows the copy, the bias stays in the graph."""
+    model = timm.create_model("mvitv2_tiny", pretrained=False, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = attn2conv.convert(model, "trt-safe", x, guard="final",
+                               pipeline=attn2conv.Pipeline(["constant_fold", "attention_to_conv"]))
+    attention = result.report.passes[1]
+    assert attention.rewrites == 10 and not attention.misses  # every block of depths (1, 2, 5, 2)
+    counts = op_counts(result.module)
+    assert counts.get("aten.matmul", 0) == 0 and counts.get("aten.softmax", 0) == 0 and counts["aten.einsum"] == 20
+    for probe in (x, torch.randn_like(x)):
+        assert rel_error(result.module(probe), model(probe)) <= 1e-5

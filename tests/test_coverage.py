@@ -178,7 +178,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("Hiera", "trt"): "ExportError: torch.onnx export failed: Failed to convert the exported program to an ONNX model. [96mThis i...",
     ("Hiera", "trt-safe"): "trt-safe-8.6 rejects 6x ReduceMax, 1x Transpose (A2C-SAFE-TENSOR-BATCH, A2C-SAFE-OP-REDUCE)",
     ("Hiera", "dla"): "dla-orin-8.6 rejects 12x Squeeze, 9x Sqrt, 6x ReduceMax (A2C-DLA-OP-UNARY, A2C-DLA-OP-RESHAPE, A2C-DLA-OP-R...",
-    ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose, 20x MatMul (A2C-SAFE-OP-MATMUL, A2C-SAFE-TENSOR-BATCH)",
+    ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("MViTv2", "dla"): "dla-orin-8.6 rejects 51x Sqrt, 30x Squeeze, 20x MatMul, 20x Unsqueeze (A2C-DLA-OP-UNARY, A2C-DLA-OP-RESHAPE...",
     ("ConViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 3x Squeeze, 2x MatMul, 1x Conv, 1x ReduceSum, 1x Unsqueeze, 1x Concat (A2C-DL...",
     ("CrossViT", "trt-safe"): "trt-safe-8.6 rejects 1x Resize (A2C-SAFE-RESIZE-SIZES)",
