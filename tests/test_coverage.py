@@ -181,7 +181,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("MViTv2", "dla"): "dla-orin-8.6 rejects 51x Sqrt, 30x Squeeze, 20x MatMul, 20x Unsqueeze (A2C-DLA-OP-UNARY, A2C-DLA-OP-RESHAPE...",
     ("ConViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 3x Squeeze, 2x MatMul, 1x Conv, 1x ReduceSum, 1x Unsqueeze, 1x Concat (A2C-DL...",
-    ("CrossViT", "trt-safe"): "trt-safe-8.6 rejects 1x Resize (A2C-SAFE-RESIZE-SIZES)",
     ("CrossViT", "dla"): "dla-orin-8.6 rejects 12x Sqrt, 6x Concat, 6x Squeeze, 2x Conv, 2x Resize, 2x Unsqueeze (A2C-DLA-CONV-STRIDE...",
     ("HF ViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY)",
     ("HF DeiT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY)",
