@@ -17,7 +17,8 @@ depends only on parameters and buffers, or in the graph otherwise. Misses return
 
 Talking heads (CaiT): a linear over the head axis before and/or after the softmax, written as permute -> Linear(h, h)
 -> permute (or, after linear_to_conv, a 1x1 convolution whose channels are the heads). Such chains (`replay=True`:
-they contain a channel mix or a permute) are kept as they are, before the softmax in `chain` and between the softmax
+they contain a channel mix or a permute; also chains that multiply the scores by a tensor independent of them: XCiT's
+per-head temperature, SwinV2's logit scale) are kept as they are, before the softmax in `chain` and between the softmax
 and the matmul with v in `post`; the rewrite re-runs them verbatim on its own scores / probabilities, so any per-
 position linear map stays exact. The queries and keys must stay on the last two axes at both ends.
 """
@@ -60,7 +61,7 @@ class AttentionMatch:
     chain: list[fx.Node] = field(default_factory=list)  # nodes from `scores` (excluded) to the softmax input
     mask: fx.Node | None = None  # sdpa attn_mask
     causal: bool = False
-    replay: bool = False  # chain/post mix channels (talking heads) or permute: re-run them verbatim
+    replay: bool = False  # chain/post mix channels (talking heads), permute or scale by a tensor: re-run verbatim
     post: list[fx.Node] = field(default_factory=list)  # nodes from the softmax (excluded) to the matmul with v
 
     @property
@@ -129,22 +130,11 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     dtype = arg(node, 2, "dtype") if is_op(node, "aten.softmax") else None
     if dtype is not None and dtype != x.meta["val"].dtype:
         return f"softmax casts to {dtype}"
-    # Down: probabilities -> (neutral ops, leading-dim reshapes, head mixes) -> matmul(probs, v).
-    probs, av, post = node, None, []
-    while True:
-        users = [u for u in probs.users if not is_assert(u)]
-        if len(users) != 1:
-            return f"softmax output has {len(users)} users; attention needs exactly one (the matmul with v)"
-        user = users[0]
-        if is_op(user, *MATMULS) and user.args[0] is probs:
-            av = user
-            break
-        if is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and shape(user)[-2:] == xs[-2:]) or \
-                is_op(user, *PERMUTES) or _is_channel_mix(user, probs):
-            probs = user
-            post.append(user)
-            continue
-        return f"softmax output feeds {op_kind(user)} ({user.name}), not a matmul with v"
+    # Down: probabilities -> (neutral ops, leading-dim reshapes, head mixes, gates, re-normalisation) -> matmul(., v).
+    walked = _walk_probs(node, xs)
+    if isinstance(walked, str):
+        return walked
+    probs, av, post, post_replay = walked
     v = av.args[1]
     vs, outs = shape(v), shape(av)
     n, m = xs[-2], xs[-1]
@@ -157,7 +147,7 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     if isinstance(walked, str):
         return walked
     scores, chain, scale, mixes = walked
-    replay = mixes or any(is_op(p, *PERMUTES) or _is_channel_mix(p) for p in post)
+    replay = mixes or post_replay
     q, k_t = scores.args[:2]
     qs, kts, ss = shape(q), shape(k_t), shape(scores)
     if qs is None or kts is None or qs[:-2] != kts[:-2] or qs[-1] != kts[-2]:
@@ -168,6 +158,46 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
         return f"q {qs} and v {vs} have different leading dims"
     return AttentionMatch("softmax", node, av, q, None, k_t, v, scale, qs[:-2], n, m, qs[-1], vs[-1],
                           scores=scores, chain=chain, replay=replay, post=post)
+
+
+# Ops between the softmax and the matmul with v that the rewrite re-runs verbatim (replay): element-wise gates and
+# mixes with tensors independent of the probabilities (ConViT's gated positional attention), sums over an axis with
+# the division by them (ConViT's re-normalisation), any reshape.
+POST_REPLAYED = ("aten.mul", "aten.div", "aten.add", "aten.sub", "aten.rsub", "aten.sum")
+
+
+def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], bool] | str:
+    """From the softmax down to the matmul with v: (probabilities node read by the matmul, the matmul, the nodes in
+    between in graph order, whether they must be replayed). The nodes in between form a region that nothing outside
+    reads: a chain (CaiT's talking heads) or a small DAG (ConViT: gate, add, sum, divide)."""
+    region, frontier, av = {softmax}, [softmax], None
+    while frontier:
+        cur = frontier.pop()
+        for user in cur.users:
+            if is_assert(user) or user in region:
+                continue
+            if is_op(user, *MATMULS) and user.args[0] is cur and user.args[1] not in region and av in (None, user):
+                av = user
+                continue
+            neutral = is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and
+                                                 shape(user)[-2:] == xs[-2:])
+            if not (neutral or is_op(user, *RESHAPES, *PERMUTES, *POST_REPLAYED) or _is_channel_mix(user, cur)):
+                return f"softmax output feeds {op_kind(user)} ({user.name}), not a matmul with v"
+            region.add(user)
+            frontier.append(user)
+            if len(region) > 64:
+                return "more than 64 ops between the softmax and the matmul with v"
+    if av is None:
+        return "the softmax output does not reach a matmul with v"
+    probs = av.args[0]
+    for node in region:
+        outside = [u for u in node.users if not is_assert(u) and u not in region]
+        if outside != ([av] if node is probs else []):
+            return f"{node.name}: the probabilities are also read outside the attention ({len(outside)} readers)"
+    post = [n for n in softmax.graph.nodes if n in region and n is not softmax]
+    replay = any(not (is_op(n, *NEUTRAL) or (is_op(n, *RESHAPES) and shape(n) and shape(n)[-2:] == xs[-2:]))
+                 for n in post)
+    return probs, av, post, replay
 
 
 def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str:
@@ -189,8 +219,15 @@ def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str
         elif is_op(node, "aten.mul", "aten.div"):
             a, b = node.args[:2]
             factor_node, factor = (b, _scalar(b)) if _scalar(b) is not None else (a, _scalar(a))
-            if factor is None:
-                return f"{node.name}: scores are multiplied by a tensor, not a scalar"
+            if factor is None:  # a tensor scale (XCiT's per-head temperature, SwinV2's logit scale): replayed
+                scores_side = a if _reaches_matmul(a) else b
+                other = b if scores_side is a else a
+                if not isinstance(scores_side, fx.Node) or _reaches_matmul(other) or \
+                        (is_op(node, "aten.div") and scores_side is not a):
+                    return f"{node.name}: scores are multiplied by a tensor that is not a scale independent of them"
+                mixes = True
+                node = scores_side
+                continue
             scale = scale * factor if is_op(node, "aten.mul") else scale / factor
             node = a if factor_node is b else b
         elif is_op(node, "aten.add", "aten.sub"):
@@ -202,6 +239,8 @@ def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str
                 node = b
             else:
                 return f"{node.name}: neither operand of the addition comes from q @ k^T"
+        elif is_op(node, "aten.copy") and shape(node.args[1]) == shape(node):
+            node = node.args[1]  # copy(dst, src) of dst's shape is src: MViTv2's attn[:, :, 0:, 0:] = attn + rel_pos
         elif is_op(node, "aten.masked_fill"):
             fill = node.args[2]
             if not (isinstance(fill, (int, float)) and fill == float("-inf")):
@@ -220,10 +259,15 @@ def _reaches_matmul(node, depth: int = 16) -> bool:
         if is_op(node, *MATMULS):
             return True
         if is_op(node, "aten.mul", "aten.div"):
-            node = node.args[0] if _scalar(node.args[1]) is not None else node.args[1]
+            a, b = node.args[:2]
+            if _scalar(a) is None and _scalar(b) is None:  # a tensor scale: either side may carry the scores
+                return _reaches_matmul(a, depth - 1) or _reaches_matmul(b, depth - 1)
+            node = a if _scalar(b) is not None else b
         elif is_op(node, *NEUTRAL, *RESHAPES, *PERMUTES, "aten.masked_fill", "aten._to_copy") or \
                 _is_channel_mix(node):
             node = node.args[0]
+        elif is_op(node, "aten.copy"):
+            node = node.args[1]
         elif is_op(node, "aten.add", "aten.sub"):
             return _reaches_matmul(node.args[0], depth - 1) or _reaches_matmul(node.args[1], depth - 1)
         else:

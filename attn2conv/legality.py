@@ -45,6 +45,7 @@ ATEN_TO_ONNX: dict[str, tuple[str, ...]] = {
     "aten.amin": ("ReduceMin",), "aten.max": ("ReduceMax",), "aten.min": ("ReduceMin",), "aten.var": ("ReduceMean",),
     "aten.std": ("ReduceMean", "Sqrt"), "aten.argmax": ("ArgMax",), "aten.topk": ("TopK",),
     "aten.cumsum": ("CumSum",), "aten.norm": ("ReduceL2",), "aten.linalg_vector_norm": ("ReduceL2",),
+    "aten.linalg_norm": ("ReduceL2",),
     "aten.max_pool2d": ("MaxPool",), "aten.max_pool2d_with_indices": ("MaxPool",), "aten.avg_pool2d": ("AveragePool",),
     "aten.avg_pool1d": ("AveragePool",), "aten.max_pool1d": ("MaxPool",),
     "aten.upsample_nearest2d": ("Resize",), "aten.upsample_bilinear2d": ("Resize",),

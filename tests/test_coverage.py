@@ -145,17 +145,12 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("EVA-02", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("EVA-02", "dla"): "dla-orin-8.6 rejects 8x Unsqueeze, 4x Neg, 4x Concat (rotary embedding: stack, rotate_half)",
     ("Swin", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("SwinV2", "trt"): "trt-10 rejects 8x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
-    ("SwinV2", "trt-safe"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("SwinV2", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("PVTv2", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("Twins-PCPVT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
-    ("Twins-SVT", "trt"): "ExportError: torch.onnx export failed: Failed to convert the exported program to an ONNX model. [96mThis i...",
     ("Twins-SVT", "dla"): "(reason not recorded: run killed before its JSON was written; see the status)",
     ("CoaT-Lite", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("CoaT-Lite", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
-    ("XCiT", "trt"): "trt-10 rejects 4x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
-    ("XCiT", "trt-safe"): "trt-safe-8.6 rejects 4x ReduceL2, 4x MatMul (A2C-SAFE-OP-REDUCE, A2C-SAFE-OP-MATMUL)",
     ("XCiT", "dla"): "dla-orin-8.6 rejects 11x Sqrt, 7x Concat, 6x Squeeze, 4x ReduceL2, 4x Expand, 4x MatMul (A2C-DLA-OP-UNARY, ...",
     ("LeViT", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("LeViT", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
@@ -174,30 +169,36 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("VOLO", "trt"): "trt-10 rejects 4x Col2Im (A2C-TRT-OP-UNSUPPORTED)",
     ("VOLO", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/adapters/no_pre...",
     ("VOLO", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/adapters/no_pre...",
-    ("Hiera", "trt"): "ExportError: torch.onnx export failed: Failed to convert the exported program to an ONNX model. [96mThis i...",
-    ("Hiera", "trt-safe"): "trt-safe-8.6 rejects 6x ReduceMax, 1x Transpose (A2C-SAFE-TENSOR-BATCH, A2C-SAFE-OP-REDUCE)",
+    ("Hiera", "trt-safe"): "trt-safe-8.6 rejects 1x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("Hiera", "dla"): "dla-orin-8.6 rejects 12x Squeeze, 9x Sqrt, 6x ReduceMax (A2C-DLA-OP-UNARY, A2C-DLA-OP-RESHAPE, A2C-DLA-OP-R...",
-    ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose, 20x MatMul (A2C-SAFE-OP-MATMUL, A2C-SAFE-TENSOR-BATCH)",
+    ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("MViTv2", "dla"): "dla-orin-8.6 rejects 51x Sqrt, 30x Squeeze, 20x MatMul, 20x Unsqueeze (A2C-DLA-OP-UNARY, A2C-DLA-OP-RESHAPE...",
-    ("ConViT", "trt-safe"): "trt-safe-8.6 rejects 2x MatMul, 1x ReduceSum (A2C-SAFE-OP-MATMUL, A2C-SAFE-OP-REDUCE)",
     ("ConViT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 3x Squeeze, 2x MatMul, 1x Conv, 1x ReduceSum, 1x Unsqueeze, 1x Concat (A2C-DL...",
-    ("CrossViT", "trt-safe"): "trt-safe-8.6 rejects 1x Resize (A2C-SAFE-RESIZE-SIZES)",
     ("CrossViT", "dla"): "dla-orin-8.6 rejects 12x Sqrt, 6x Concat, 6x Squeeze, 2x Conv, 2x Resize, 2x Unsqueeze (A2C-DLA-CONV-STRIDE...",
     ("HF BEiT", "dla"): "dla-orin-8.6 rejects 5x Sqrt, 1x Concat, 1x AveragePool (A2C-DLA-CONCAT-AXIS, A2C-DLA-OP-UNARY, A2C-DLA-POO...",
     ("HF Swin", "dla"): "dla-orin-8.6 rejects 11x Sqrt, 3x Concat, 2x AveragePool (A2C-DLA-OP-UNARY, A2C-DLA-CONCAT-AXIS, A2C-DLA-PO...",
-    ("HF Swinv2", "trt"): "trt-10 rejects 8x ReduceL2 (A2C-TRT-OP-UNSUPPORTED)",
-    ("HF Swinv2", "trt-safe"): "trt-safe-8.6 rejects 8x ReduceL2, 8x MatMul (A2C-SAFE-OP-REDUCE, A2C-SAFE-OP-MATMUL)",
     ("HF Swinv2", "dla"): "dla-orin-8.6 rejects 11x Sqrt, 8x ReduceL2, 8x Expand, 8x MatMul, 3x Concat, 2x AveragePool (A2C-DLA-OP-UNA...",
     ("HF PVT", "dla"): "dla-orin-8.6 rejects 16x Sqrt, 1x Concat (A2C-DLA-OP-UNARY, A2C-DLA-CONCAT-AXIS)",
     ("HF SegFormer", "dla"): "dla-orin-8.6 rejects 19x Sqrt (A2C-DLA-OP-UNARY)",
     ("HF CvT", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("HF CvT", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
-    ("HF MobileViT", "trt"): "ONNX Runtime vs torch 1.7e-01 > 0.0001; rolled back: fold_batchnorm, fold_reparam, linear_to_conv",
-    ("HF MobileViT", "trt-safe"): "trt-safe-8.6 rejects 72x MatMul, 6x Reshape, 4x Transpose, 1x ReduceMean (A2C-SAFE-TENSOR-BATCH, A2C-SAFE-O...",
+    ("HF MobileViT", "trt-safe"): "trt-safe-8.6 rejects 6x Reshape, 5x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("HF MobileViT", "dla"): "dla-orin-8.6 rejects 21x LayerNormalization, 18x MatMul, 1x ReduceMean (A2C-DLA-OP-NORM, A2C-DLA-MATMUL-CON...",
     ("HF LeViT", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
     ("HF LeViT", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/BaseConverter.h...",
 }
+
+
+def test_hf_mobilevit_reference_is_not_denormal():
+    """The corpus init keeps HF MobileViT's activations O(1): with transformers' default initializer_range (0.02)
+    its output underflows to ~4e-40, where fp32 itself disagrees with fp64 by 23% and no exact pass can be judged."""
+    family = load_corpus(families=["HF MobileViT"])[0]
+    model, (x,) = family.build()
+    with torch.no_grad():
+        y = model(x).last_hidden_state
+        y64 = model.double()(x.double()).last_hidden_state
+    assert y.abs().max() > 1e-2
+    assert ((y.double() - y64).abs().max() / y64.abs().max()).item() <= 1e-5
 
 
 def test_text_table_with_a_capture_failure_only():
