@@ -147,10 +147,10 @@ def main(argv=None) -> dict:
                     f.unlink()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     old_latency = previous.get("latency_ms", {})
-    for v in args.variants:  # sizes not re-measured now: keep the earlier run's figure, say which run
+    for v in set(old_latency) | set(args.variants):  # sizes not re-measured now: keep the earlier run's figures
         for s, t in (old_latency.get(v) or {}).items():
-            if int(s) not in latency[v]:
-                latency[v][int(s)] = t
+            if int(s) not in args.sizes:
+                latency.setdefault(v, {})[int(s)] = t
     sizes = sorted({s for d in latency.values() for s in d})
     command = "python benchmarks/bench_fast.py " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = dict(previous.get("runs", {}))
@@ -164,8 +164,8 @@ def main(argv=None) -> dict:
                     "load_avg_at_end": os.getloadavg()},
         "runs": runs,
         "latency_ms": {v: {str(s): round(d[s], 2) for s in sorted(d)} for v, d in latency.items()},
-        "builds": {v: {**(previous.get("builds", {}).get(v) or {}), **{str(s): i for s, i in d.items()}}
-                   for v, d in builds.items()},
+        "builds": {v: {**(previous.get("builds", {}).get(v) or {}),
+                       **{str(s): i for s, i in builds.get(v, {}).items()}} for v in latency},
     }
     pairs = {"deit_s_fast/deit_s": ("deit_s_fast", "deit_s"), "swin_t_fast/swin_t": ("swin_t_fast", "swin_t"),
              "deit_s_fast/swin_t": ("deit_s_fast", "swin_t")}
