@@ -1,21 +1,28 @@
-"""ONNX Runtime CPU latency, batch 1: DeiT-S after convert(fidelity="fast") vs the original DeiT-S and Swin-T, from
-224x224 to 1024x1024 (AV camera scale), and how each grows with the number of pixels.
+"""ONNX Runtime CPU latency, batch 1: DeiT-S and Swin-T after convert(fidelity="fast") vs the originals, from 224x224
+to 1024x1024 (AV camera scale), and how each grows with the number of pixels.
 
     .venv/bin/python benchmarks/bench_fast.py                              # sizes 224 1024, trt-safe
+    .venv/bin/python benchmarks/bench_fast.py --sizes 224 --repeats 7      # 224 only (minutes, not tens of minutes)
     .venv/bin/python benchmarks/bench_fast.py --sizes 224 448 1024         # the growth fit over three sizes
-    .venv/bin/python benchmarks/bench_fast.py --sizes 224 1024 --repeats 3 --threads 2
+    .venv/bin/python benchmarks/bench_fast.py --sizes 1024 --repeats 2 --variants deit_s deit_s_fast
 
 Variants (random weights, pretrained=False; every model exported with attn2conv.export.export_onnx):
   deit_s            timm deit_small_patch16_224 at img_size=S (MatMul + Softmax attention, LayerNorm, GELU)
   swin_t            timm swin_tiny_patch4_window7_224 at img_size=S (window 7; window 8 where 7 does not tile the
                     stages, e.g. 1024: 256/7 is not whole)
-  deit_s_fast       attn2conv.convert(deit_s, --target, fidelity="fast"): 9 CSA blocks + 3 spatial-reduction
-                    attention blocks (keys from a ~7x7 pooled grid), LN -> BN (folded), GELU -> ReLU, then the exact
-                    passes (for trt-safe: conv-only attention cores, no MatMul/Softmax)
+  deit_s_fast       attn2conv.convert(deit_s, --target, fidelity="fast") with the default plan (Next-ViT hybrid):
+                    MHCA x 5, SRA, MHCA x 5, SRA (MHCA: grouped 3x3 conv, head dim 32, + the original proj; SRA: keys
+                    and values from a ~7x7 average-pooled grid, original q/k/v/proj), LN -> BN (folded), GELU -> ReLU,
+                    then the exact passes (for trt-safe: conv-only attention cores, no MatMul/Softmax)
+  swin_t_fast       the same for swin_t: stage 1 all MHCA, stages 2-4 MHCA ... then one SRA; the new blocks run on
+                    the whole feature map (window partition, shift and reverse dropped)
+Conversions use guard="final" (numeric checks once at the end; the fast passes are architectural anyway).
 Latency: warm-up, then `--repeats` rounds; each round runs every variant `--iters` times and keeps the round's median;
 the figure is the median over rounds (interleaving spreads the load of other processes over all variants).
-Growth: least-squares fit of log(latency) = a + k log(pixels) over the sizes; k = 1 is linear in pixels, attention's
-N^2 term pushes k towards 2. Results go to benchmarks/results/fast.json.
+Ratios: each fast model over its own original, and deit_s_fast over swin_t. Growth: least-squares fit of
+log(latency) = a + k log(pixels) over the sizes; k = 1 is linear in pixels, attention's N^2 term pushes k towards 2.
+Results go to benchmarks/results/fast.json (sizes measured in an earlier run and not re-measured are kept, marked
+with the run that measured them).
 """
 from __future__ import annotations
 
@@ -54,24 +61,29 @@ def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dic
     path = out_dir / f"{variant}_{size}.onnx"
     info: dict = {}
     start = time.perf_counter()
-    if variant == "swin_t":
+    if variant.startswith("swin_t"):
         w = _swin_window(size)
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=size,
                                   window_size=w).eval()
         info["window"] = w
     else:
         model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=size).eval()
-    if variant == "deit_s_fast":
-        result = attn2conv.convert(model, target, x, fidelity="fast")
+    fast = variant.endswith("_fast")
+    if fast:
+        result = attn2conv.convert(model, target, x, fidelity="fast", guard="final")
         gm = result.module
         info["legal"] = result.report.legal
-        info["plan"] = sorted(set(gm.meta.get("attn2conv_plan", {}).values()))
+        plan = list(gm.meta.get("attn2conv_plan", {}).values())
+        info["plan"] = {k: plan.count(k) for k in sorted(set(plan))}
+        info["needs_distillation"] = result.report.needs_distillation
+        info["rel_error_vs_original_before_distillation"] = result.report.rel_error
         info["errors_left"] = [op["onnx_op"] for op in result.report.illegal_ops if op["severity"] == "error"]
     else:
         gm = capture(model, (x,))
-    export_onnx(gm, (x,), path, target if variant == "deit_s_fast" else "trt", parity=False)
+    export_onnx(gm, (x,), path, target if fast else "trt", parity=False)
     info["build_seconds"] = round(time.perf_counter() - start, 1)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    del gm, model
     return str(path), info
 
 
@@ -114,7 +126,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=["deit_s", "swin_t", "deit_s_fast"])
+    ap.add_argument("--variants", nargs="+", default=["deit_s", "deit_s_fast", "swin_t", "swin_t_fast"])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -133,25 +145,39 @@ def main(argv=None) -> dict:
             for p in paths.values():
                 for f in Path(tmp).glob(Path(p).name + "*"):
                     f.unlink()
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    old_latency = previous.get("latency_ms", {})
+    for v in set(old_latency) | set(args.variants):  # sizes not re-measured now: keep the earlier run's figures
+        for s, t in (old_latency.get(v) or {}).items():
+            if int(s) not in args.sizes:
+                latency.setdefault(v, {})[int(s)] = t
+    sizes = sorted({s for d in latency.values() for s in d})
+    command = "python benchmarks/bench_fast.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    runs = dict(previous.get("runs", {}))
+    for s in args.sizes:
+        runs[str(s)] = {"command": command, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
+                        "repeats": args.repeats, "iters": args.iters, "threads": args.threads}
     result = {
-        "command": "python benchmarks/bench_fast.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "target": args.target, "threads": args.threads, "repeats": args.repeats, "iters": args.iters,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "load_avg_at_end": os.getloadavg()},
-        "latency_ms": {v: {str(s): round(t, 2) for s, t in d.items()} for v, d in latency.items()},
-        "builds": {v: {str(s): i for s, i in d.items()} for v, d in builds.items()},
+        "runs": runs,
+        "latency_ms": {v: {str(s): round(d[s], 2) for s in sorted(d)} for v, d in latency.items()},
+        "builds": {v: {**(previous.get("builds", {}).get(v) or {}),
+                       **{str(s): i for s, i in builds.get(v, {}).items()}} for v in latency},
     }
-    if "deit_s_fast" in latency:
-        result["ratio_fast_over"] = {
-            base: {str(s): round(latency["deit_s_fast"][s] / latency[base][s], 3) for s in args.sizes}
-            for base in ("deit_s", "swin_t") if base in latency}
-    if len(args.sizes) >= 2:
-        result["growth_exponent_vs_pixels"] = {v: round(growth_exponent(args.sizes, [d[s] for s in args.sizes]), 3)
-                                               for v, d in latency.items()}
+    pairs = {"deit_s_fast/deit_s": ("deit_s_fast", "deit_s"), "swin_t_fast/swin_t": ("swin_t_fast", "swin_t"),
+             "deit_s_fast/swin_t": ("deit_s_fast", "swin_t")}
+    result["ratio"] = {name: {str(s): round(latency[a][s] / latency[b][s], 3) for s in sizes
+                              if s in latency.get(a, {}) and s in latency.get(b, {})}
+                       for name, (a, b) in pairs.items() if a in latency and b in latency}
+    result["growth_exponent_vs_pixels"] = {
+        v: round(growth_exponent(sorted(d), [d[s] for s in sorted(d)]), 3) for v, d in latency.items() if len(d) >= 2}
     result["targets"] = {"ratio_at_224": 0.8, "ratio_at_1024": 0.4}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("latency_ms", "ratio_fast_over", "growth_exponent_vs_pixels")
+    print(json.dumps({k: result[k] for k in ("latency_ms", "ratio", "growth_exponent_vs_pixels")
                       if k in result}, indent=2))
     return result
 

@@ -6,8 +6,9 @@
    (stratified, fixed seed) into training and held-out sets.
 2. Teacher: a small timm ViT (patch 8 -> 4x4 tokens + class token, width 64, depth 4, 2 heads) trained from scratch.
 3. attn2conv.convert(teacher, "trt-safe", fidelity="fast") with the architectural passes of the fast preset:
-   LayerNorm -> calibrated BatchNorm (folded), GELU -> ReLU, blocks 0-2 -> NVIDIA CSA, block 3 -> spatial-reduction
-   attention (Next-ViT's hybrid plan).
+   LayerNorm -> calibrated BatchNorm (folded), GELU -> ReLU, blocks 0-2 -> Next-ViT MHCA convolution blocks, block 3
+   -> spatial-reduction attention (the default plan, Next-ViT's hybrid strategy; options={"attention_to_csa":
+   {"conv_kind": "csa"}} gives NVIDIA CSA blocks instead).
 4. attn2conv.distill(student, teacher, training batches): KD on softened logits plus the labels.
 5. The rest of the fast trt-safe preset (the exact passes: folds, conv-only attention core, layout clean-up) runs on
    the distilled student, each pass guarded numerically; the result has no op trt-safe rejects.

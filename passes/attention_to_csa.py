@@ -1,9 +1,13 @@
 """attention_to_csa (architectural, not exact): attention blocks the plan makes convolution blocks become CSA or MHCA.
 
 Which blocks: the per-block plan of attn2conv/modules/replace.py. Default (Next-ViT's hybrid strategy): in each stage
-(consecutive blocks with the same token count and width) every 4th block stays an attention block (for
-attention_to_sra) and the 3 before it become convolution blocks; options {"attention_to_csa": {"every": N,
-"conv_kind": "csa" | "mhca", "plan": {"blocks.3.attn": "mhca", "blocks.1[01].attn": "keep", ...}}}.
+(consecutive blocks with the same token count and width) every 6th block and the last stay attention blocks (for
+attention_to_sra) and the others become MHCA convolution blocks; with several stages the first is all convolution
+(DeiT-S: MHCA x 5, SRA, MHCA x 5, SRA). Options {"attention_to_csa": {"every": N, "conv_kind": "mhca" | "csa",
+"end_with_attention": bool, "first_stage_conv": bool, "unwindow": bool, "plan": {"blocks.3.attn": "csa",
+"blocks.1[01].attn": "keep", ...}}}.
+Windowed attention (Swin: roll + window partition, attention, window reverse + roll, layout ops only) is replaced as
+a whole: the new block runs on the (B, H, W, C) map, with no partition or shift left (option unwindow, default on).
 
 What a block becomes (maths in the module docstrings):
     csa   NVIDIA DL4AGX convolutional self-attention (attn2conv/modules/csa.py): v = Swish(BN(DWConv5x5(x))),

@@ -1,7 +1,8 @@
 """attention_to_sra (architectural, not exact): attention blocks the plan keeps as attention get reduced keys.
 
 Which blocks: the per-block plan of attn2conv/modules/replace.py (shared with attention_to_csa): by default every
-4th block of a stage (Next-ViT's [conv x 3, attention] pattern); options {"attention_to_sra": {"attention_kind":
+6th block of a stage and its last one, none in the first of several stages (Next-ViT's [conv x N, attention]
+rounds); windowed attention (Swin) becomes SRA over the whole map; options {"attention_to_sra": {"attention_kind":
 "sra" | "gsa" | "lsa" | "hmhsa" | "twins", "reduction": R or {tokens: R} or {module glob: R}, "window": ws,
 "plan": {...}}}. Run alone (without attention_to_csa), only the blocks planned as attention change.
 

@@ -111,13 +111,13 @@ def test_full_fast_pipeline_leaves_no_error_for_trt_safe():
     left = set(rep.op_counts_after)
     assert not left & (ATTENTION_OPS | {"aten.linear", "aten.layer_norm", "aten.gelu", "aten.erf", "aten.mean"}), left
     assert not [op for op in rep.illegal_ops if op["severity"] == "error"]
-    # the default plan (Next-ViT hybrid, every=3): three CSA blocks then one SRA block
+    # the default plan (Next-ViT hybrid): MHCA convolution blocks, the stage ends with an SRA block
     plan = result.module.meta["attn2conv_plan"]
-    assert list(plan.values()) == ["csa", "csa", "csa", "sra"]
-    assert grafted_class(result.module, "blocks.0.attn_csa") == "CSA"
+    assert list(plan.values()) == ["mhca", "mhca", "mhca", "sra"]
+    assert grafted_class(result.module, "blocks.0.attn_mhca") == "MHCA"
     # grafted nodes carry the replaced block's provenance plus the new module
     paths = {module_path(n) for n in result.module.graph.nodes if n.op == "call_function"}
-    assert "blocks.0.attn_csa" in paths and "blocks.3.attn_sra" in paths
+    assert "blocks.0.attn_mhca" in paths and "blocks.3.attn_sra" in paths
     y = result.module(x)
     assert y.shape == (2, 10) and torch.isfinite(y).all()
 
@@ -184,3 +184,61 @@ def test_blocks_that_do_not_fit_a_grid_are_reported():
     _, res = run_passes(model, x, ["attention_to_csa"], options={"attention_to_csa": {"grid": [5, 5]}})
     assert res["attention_to_csa"].rewrites == 0
     assert any("do not make 65 tokens" in m for m in res["attention_to_csa"].misses)
+
+
+def _plan_for(stages: list[tuple[int, int]], options=None) -> list[str]:
+    from attn2conv.modules.replace import AttentionBlock, make_plan
+
+    blocks = [AttentionBlock(f"b{i}", None, [], None, None, dim, tokens, 1, 1.0)
+              for i, (tokens, dim) in enumerate(stages)]
+    return list(make_plan(blocks, options or {}).values())
+
+
+def test_default_plan_is_next_vit_hybrid():
+    # one 12-block stage (DeiT): two rounds of 5 MHCA + 1 SRA
+    assert _plan_for([(197, 384)] * 12) == (["mhca"] * 5 + ["sra"]) * 2
+    # Swin-T [2, 2, 6, 2]: the first stage all convolution, the others end with attention
+    swin = [(49, 96)] * 2 + [(49, 192)] * 2 + [(49, 384)] * 6 + [(49, 768)] * 2
+    assert _plan_for(swin) == ["mhca", "mhca", "mhca", "sra"] + ["mhca"] * 5 + ["sra", "mhca", "sra"]
+    # the older every-3 CSA plan is one option set away; a stage ending mid-round still ends with attention
+    assert _plan_for([(65, 64)] * 6, {"every": 3, "conv_kind": "csa"}) == ["csa"] * 3 + ["sra", "csa", "sra"]
+    assert _plan_for([(65, 64)] * 6, {"every": 3, "end_with_attention": False}) == ["mhca"] * 3 + ["sra"] + \
+        ["mhca"] * 2
+    assert _plan_for(swin, {"first_stage_conv": False})[:2] == ["mhca", "sra"]
+
+
+def tiny_swin():
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
+                             depths=(2, 2), num_heads=(1, 2), window_size=7, num_classes=10).eval()
+
+
+def test_window_attention_becomes_a_block_on_the_whole_map():
+    """Swin: the new blocks replace roll + window partition + attention + window reverse + roll, not just the
+    attention inside the windows (stage 1 is a 14x14 map of four 7x7 windows; stage 2 is one window)."""
+    torch.manual_seed(0)
+    model = tiny_swin()
+    x = torch.randn(1, 3, 56, 56)
+    gm, res = run_passes(model, x, ["attention_to_csa", "attention_to_sra"])
+    plan = gm.meta["attn2conv_plan"]
+    assert list(plan.values()) == ["mhca", "mhca", "mhca", "sra"]
+    notes = res["attention_to_csa"].notes + res["attention_to_sra"].notes
+    whole = [n for n in notes if "whole map" in n]
+    assert len(whole) == 2 and all(n.startswith("layers.0.blocks.") for n in whole), notes
+    assert "grid 14x14" in whole[1]
+    # no window shift / partition left in stage 1: its blocks read and write (1, 14, 14, 32) maps only
+    assert not [n for n in nodes_of(gm, "aten.roll") if module_path(n).startswith("layers.0")]
+    from attn2conv.graph import shape
+
+    stage1 = [n for n in gm.graph.nodes if n.op == "call_function" and module_path(n).startswith("layers.0.blocks")]
+    assert not [n for n in stage1 if shape(n) is not None and len(shape(n)) == 6], "window partition left"
+    assert gm(x).shape == (1, 10) and torch.isfinite(gm(x)).all()
+    # the whole-map MHCA is the module applied to the (B, C, H, W) map
+    mhca = MHCA(32, (14, 14)).eval()
+    mhca.channels_last = True
+    m = torch.randn(2, 14, 14, 32)
+    ref = mhca.proj(torch.relu(mhca.norm(mhca.group_conv(m.permute(0, 3, 1, 2))))).permute(0, 2, 3, 1)
+    assert torch.allclose(mhca(m), ref, atol=1e-6)
+    # option unwindow=False keeps the blocks inside the windows
+    gm2, res2 = run_passes(model, x, ["attention_to_csa"], options={"attention_to_csa": {"unwindow": False}})
+    assert not [n for n in res2["attention_to_csa"].notes if "whole map" in n]
+    assert nodes_of(gm2, "aten.roll")

@@ -36,3 +36,19 @@ def test_deit_small_fast_trt_safe_exports_and_is_certified(tmp_path):
     ops = set(rep.op_counts_after)
     assert not ops & {"aten.linear", "aten.layer_norm", "aten.gelu", "aten.scaled_dot_product_attention",
                       "aten.matmul", "aten.softmax"}
+
+
+@pytest.mark.slow
+def test_swin_tiny_fast_trt_safe_exports_and_is_certified_without_windows(tmp_path):
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    result = attn2conv.convert(model, "trt-safe", fidelity="fast", export=tmp_path / "swin_t_fast.onnx",
+                               guard="final")
+    rep = result.report
+    assert rep.needs_distillation and rep.legal, rep.to_table()
+    assert result.certified, (result.check, rep.extra.get("export"))
+    plan = result.module.meta["attn2conv_plan"]
+    assert list(plan.values()).count("sra") == 3 and list(plan.values()).count("mhca") == 9, plan
+    # every block runs on the whole map: no window shift (roll, or its Slice + Concat form) left
+    notes = [n for p in rep.passes if p.id in ("attention_to_csa", "attention_to_sra") for n in p.notes]
+    assert sum("whole map" in n for n in notes) == 12 - 2, notes  # the last stage (7 x 7) is one window
+    assert "aten.roll" not in rep.op_counts_after and "aten.cat" not in rep.op_counts_after

@@ -51,14 +51,18 @@ def load_linear(conv: nn.Conv2d, weight: torch.Tensor | None, bias: torch.Tensor
 
 
 class TokenGrid(nn.Module):
-    """Base class: (B, N, C) tokens with `prefix` leading tokens and an H x W grid."""
+    """Base class: (B, N, C) tokens with `prefix` leading tokens and an H x W grid, or, with `channels_last`, a
+    (B, H, W, C) map (a Swin block's whole feature map once its window partition is dropped; no prefix tokens)."""
 
     def __init__(self, dim: int, grid: tuple[int, int], prefix: int = 0):
         super().__init__()
         self.dim, self.grid, self.prefix = int(dim), (int(grid[0]), int(grid[1])), int(prefix)
+        self.channels_last = False
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(B, N, C) -> (prefix (B, C, 1, P) or None, grid (B, C, H, W))."""
+        if self.channels_last:
+            return None, x.permute(0, 3, 1, 2)
         b, _, c = x.shape
         h, w = self.grid
         xc = x.permute(0, 2, 1)
@@ -69,6 +73,8 @@ class TokenGrid(nn.Module):
 
     def merge(self, pre: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor:
         """(prefix (B, C, 1, P) or None, grid (B, C, H, W)) -> (B, N, C)."""
+        if self.channels_last:
+            return grid.permute(0, 2, 3, 1)
         b, c, h, w = grid.shape
         tokens = grid.reshape(b, c, h * w)
         if pre is not None:
@@ -76,7 +82,8 @@ class TokenGrid(nn.Module):
         return tokens.permute(0, 2, 1)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, grid={self.grid}, prefix={self.prefix}"
+        return f"dim={self.dim}, grid={self.grid}, prefix={self.prefix}" + (", channels_last" if self.channels_last
+                                                                            else "")
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,15 @@ thirds), and from its output forward to the projection.
 fits); override with the options `grid` ([H, W]) and `prefix_tokens`.
 
 **Plan** (Next-ViT's hybrid strategy, read by both passes): consecutive blocks with the same (tokens, channels) form
-a stage; inside a stage every (`every` + 1)-th block stays an attention block and the others become convolution
-blocks. Default `every` = 3, as Next-ViT's [NCB x 3, NTB] pattern: a 12-block DeiT becomes CSA, CSA, CSA, SRA,
-CSA, CSA, CSA, SRA, CSA, CSA, CSA, SRA. Convolution blocks use `conv_kind` ("csa" | "mhca", default "csa"), attention
+a stage; inside a stage every (`every` + 1)-th block and the stage's last block (unless `end_with_attention` is
+false) stay attention blocks and the others become convolution blocks; with more than one stage the first is all
+convolution (`first_stage_conv`, as Next-ViT's stage 1). Default `every` = 5 (Next-ViT's [NCB x N, NTB] rounds): a
+12-block DeiT becomes MHCA x 5, SRA, MHCA x 5, SRA; a 4-block stage MHCA x 3, SRA; Swin-T [2, 2, 6, 2] becomes
+MHCA x 2 | MHCA, SRA | MHCA x 5, SRA | MHCA, SRA. Why so few attention
+blocks: at 224 px the MLPs are ~60 % of DeiT-S's MACs and are kept, so the token mixers must be nearly free for the
+fast model to beat the original by 20 % (MHCA costs ~1/3 of an attention block; on trt-safe an SRA block's exact
+attention core costs broadcast products of N x M x C elements). Convolution blocks use `conv_kind` ("csa" | "mhca",
+default "mhca"), attention
 blocks `attention_kind` ("sra" | "gsa" | "lsa" | "hmhsa" | "twins" (LSA and GSA alternating), default "sra").
 `plan` = {module path or fnmatch glob: kind} overrides single blocks ("keep" leaves a block as it is). The options
 are read from both passes' option tables (attention_to_csa's first, then attention_to_sra's), so one plan serves
@@ -46,6 +52,7 @@ FAST_META = "attn2conv_fast"  # node.meta key marking nodes a fast pass grafted 
 CONV_KINDS = ("csa", "mhca")
 ATTENTION_KINDS = ("sra", "gsa", "lsa", "hmhsa")
 PASS_IDS = ("attention_to_csa", "attention_to_sra")
+UNWINDOWED_KINDS = CONV_KINDS + ("sra", "gsa", "lsa")  # kinds that can take a whole (B, H, W, C) map
 _WALK = ("aten.reshape", "aten.view", "aten._unsafe_view", "aten.permute", "aten.transpose", "aten.clone",
          "aten.contiguous", "aten.unsqueeze", "aten.squeeze", "aten.alias", "aten.detach", "aten.expand",
          "aten.dropout", "aten.t")
@@ -65,6 +72,8 @@ class AttentionBlock:
     weights: dict[str, torch.Tensor | None] = field(default_factory=dict)
     grid: tuple[int, int] | None = None
     prefix: int = 0
+    window_span: tuple | None = None  # (map before partition, map after reverse, layout nodes in between) for windows
+    channels_last: bool = False       # the block reads and writes the (B, H, W, C) map (its windows dropped)
 
     @property
     def where(self) -> str:
@@ -93,6 +102,7 @@ def find_blocks(gm: fx.GraphModule, example_inputs: tuple, options: dict) -> tup
             misses.append(f"{res.path}: {grid}")
             continue
         res.grid, res.prefix = grid
+        res.window_span = _window_span(res)
         seen.add(res.path)
         blocks.append(res)
     return blocks, misses
@@ -217,6 +227,64 @@ def _qkv_weights(gm: fx.GraphModule, m: AttentionMatch, region: set[fx.Node]) ->
     return out
 
 
+_WINDOW_LAYOUT = _WALK + ("aten.roll", "aten.pad", "aten.constant_pad_nd", "aten.slice")
+
+
+def _is_window_layout(node: fx.Node) -> bool:
+    """A data-movement op of a window partition / reverse (Swin: roll, pad, reshape, permute, clone, slice)."""
+    if not is_op(node, *_WINDOW_LAYOUT):
+        return False
+    if is_op(node, "aten.pad", "aten.constant_pad_nd", "aten.slice"):  # only as no-ops (the map tiles exactly)
+        return shape(node) is not None and shape(node) == shape(node.args[0])
+    return True
+
+
+def _window_span(blk: AttentionBlock) -> tuple | None:
+    """For attention over windows (B*nW, ws*ws, C) cut from a (B, H, W, C) map by layout ops only and pasted back by
+    layout ops only (Swin's roll + window partition ... window reverse + roll): (map in, map out, the layout nodes).
+    A convolution block can then run on the whole map, with no partition, shift or reverse left."""
+    ins = shape(blk.input)
+    if ins is None or len(ins) != 3:
+        return None
+
+    def is_map(n):  # (B, H, W, C) holding every window's tokens, more than one window
+        s = shape(n)
+        return (s is not None and len(s) == 4 and s[3] == blk.dim and s[1] * s[2] > blk.tokens
+                and s[0] * s[1] * s[2] == ins[0] * ins[1])
+
+    chain, node = [blk.input], blk.input  # back: input <- ... <- the farthest map reached by layout ops only
+    while _is_window_layout(node) and len(node.users) == 1 and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        chain.append(node)
+    starts = [i for i, n in enumerate(chain) if i > 0 and is_map(n)]
+    if not starts:
+        return None
+    src, back = chain[starts[-1]], chain[:starts[-1]]
+    fwd, node = [], blk.output
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not _is_window_layout(user) or user.args[0] is not node:
+            break
+        fwd.append(user)
+        node = user
+    ends = [i for i, n in enumerate(fwd) if shape(n) == shape(src)]
+    if not ends:
+        return None
+    dst, fwd = fwd[ends[-1]], fwd[:ends[-1] + 1]
+    return src, dst, list(reversed(back)) + fwd
+
+
+def unwindowed(blk: AttentionBlock) -> AttentionBlock:
+    """The block widened to the whole (B, H, W, C) map: its input before the window partition, its output after the
+    window reverse, the layout nodes in between replaced too."""
+    src, dst, layout = blk.window_span
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    nodes = sorted(set(blk.nodes) | set(layout), key=order.__getitem__)
+    _, h, w, _ = shape(src)
+    return AttentionBlock(blk.path, blk.match, nodes, src, dst, blk.dim, h * w, blk.heads, blk.scale, blk.weights,
+                          grid=(h, w), prefix=0, channels_last=True)
+
+
 def _grid(tokens: int, example_inputs: tuple, options: dict) -> tuple[tuple[int, int], int] | str:
     if options.get("grid"):
         h, w = (int(s) for s in options["grid"])
@@ -250,16 +318,27 @@ def merged_options(ctx) -> dict:
     return opts
 
 
+DEFAULT_EVERY = 5  # Next-ViT stage 3: [NCB x 4, NTB]; 5 makes a 12-block DeiT two (5 conv + 1 attention) rounds
+DEFAULT_CONV_KIND = "mhca"
+
+
 def make_plan(blocks: list[AttentionBlock], options: dict) -> dict[str, str]:
-    every = int(options.get("every", 3))
-    conv_kind = options.get("conv_kind", "csa")
+    every = int(options.get("every", DEFAULT_EVERY))
+    conv_kind = options.get("conv_kind", DEFAULT_CONV_KIND)
     attn_kind = options.get("attention_kind", "sra")
-    plan, stage_key, pos, attn_pos = {}, None, 0, 0
-    for blk in blocks:
-        key = (blk.tokens, blk.dim)
+    keys = [(blk.tokens, blk.dim) for blk in blocks]
+    stages = sum(1 for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)
+    # Next-ViT's first stage is convolution only (the most tokens: attention costs most there, helps least)
+    conv_first = stages > 1 and options.get("first_stage_conv", True)
+    plan, stage_key, pos, attn_pos, stage = {}, None, 0, 0, -1
+    for i, blk in enumerate(blocks):
+        key = keys[i]
         if key != stage_key:
-            stage_key, pos, attn_pos = key, 0, 0
-        if (pos + 1) % (every + 1) == 0:
+            stage_key, pos, attn_pos, stage = key, 0, 0, stage + 1
+        stage_ends = i + 1 == len(blocks) or keys[i + 1] != key
+        if conv_first and stage == 0:
+            kind = conv_kind
+        elif (pos + 1) % (every + 1) == 0 or (stage_ends and options.get("end_with_attention", True)):
             kind = attn_kind
             if kind == "twins":
                 kind = ("lsa", "gsa")[attn_pos % 2]
@@ -300,6 +379,7 @@ def build_module(blk: AttentionBlock, kind: str, options: dict) -> torch.nn.Modu
     else:
         raise ValueError(kind)
     mod.reused = mod.load_from(blk.weights)
+    mod.channels_last = blk.channels_last
     return mod
 
 
@@ -485,6 +565,8 @@ def replace_blocks(gm: fx.GraphModule, ctx, owned: tuple[str, ...]):
         plan = make_plan(blocks, options)
         gm.meta["attn2conv_plan"] = dict(plan)  # both passes see the plan made on the untouched graph
     todo = [b for b in blocks if plan.get(b.path) in owned]
+    if options.get("unwindow", True):  # the new blocks need no windows: they run on the whole map
+        todo = [unwindowed(b) if b.window_span and plan[b.path] in UNWINDOWED_KINDS else b for b in todo]
     if not todo:
         result.notes.append(f"no block planned as {'/'.join(owned)} (plan: {_plan_summary(plan)})")
         return result
@@ -499,7 +581,8 @@ def replace_blocks(gm: fx.GraphModule, ctx, owned: tuple[str, ...]):
         kind = plan[blk.path]
         name = graft(gm, blk, module, kind)
         reused = ", ".join(module.reused) or "none"
-        result.notes.append(f"{blk.path} -> {name} ({type(module).__name__}, grid {blk.grid[0]}x{blk.grid[1]}"
+        whole = ", whole map: window partition/shift dropped" if blk.channels_last else ""
+        result.notes.append(f"{blk.path} -> {name} ({type(module).__name__}, grid {blk.grid[0]}x{blk.grid[1]}{whole}"
                             f"{f' + {blk.prefix} prefix' if blk.prefix else ''}, heads {blk.heads}; reused: {reused})")
         result.rewrites += 1
     result.changed = result.rewrites > 0

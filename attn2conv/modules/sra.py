@@ -83,9 +83,10 @@ class SpatialReductionAttention(TokenGrid):
         return load_qkv(self, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
         pre, g = self.split(x)
-        tokens = x.permute(0, 2, 1).reshape(b, c, 1, n)
+        b, c = g.shape[:2]
+        n = x.shape[1] if not self.channels_last else g.shape[2] * g.shape[3]
+        tokens = (x.permute(0, 2, 1) if not self.channels_last else g).reshape(b, c, 1, n)
         if self.reduce is not None:
             g = self.reduce_norm(self.reduce(g))
         keys = g.reshape(b, c, 1, g.shape[2] * g.shape[3])
@@ -95,6 +96,8 @@ class SpatialReductionAttention(TokenGrid):
         k = self.k(keys).reshape(b, c, keys.shape[3])
         v = self.v(keys).reshape(b, c, keys.shape[3])
         o = heads_attention(q, k, v, self.heads, self.scale).reshape(b, c, 1, n)
+        if self.channels_last:
+            return self.merge(None, self.proj(o).reshape(b, c, *self.grid))
         return self.proj(o).reshape(b, c, n).permute(0, 2, 1)
 
     def extra_repr(self) -> str:
