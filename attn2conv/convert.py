@@ -46,16 +46,17 @@ def convert(
     export: str | os.PathLike | None = None,
     precision: str = "fp32",
     evaluation: Any = None,
-    guard: str = "each",
+    guard: str = "final",
 ) -> ConversionResult:
     """Rewrites `model` for `target` ('trt', 'trt-safe', 'dla', a profile id such as 'trt-safe-8.6', or a profile file).
 
-    fidelity='exact' applies only rewrites that keep the numbers; each one is checked against the graph before it on
-    the example input and two random inputs (relative error <= rtol, fp32), and rolled back if it breaks the bound.
+    fidelity='exact' applies only rewrites that keep the numbers; each one is checked against the graph before it
+    (relative error <= rtol, fp32) and rolled back if it breaks the bound.
     fidelity='fast' also applies architectural swaps; the report then says the model needs distillation.
     `pipeline` overrides the preset pass list; `options` gives per-pass options {pass_id: {key: value}}.
-    guard='final' checks each pass on the example input only and the two random inputs once at the end (a third
-    of the forward runs; if the final check fails, the pipeline re-runs with the full per-pass guard).
+    guard='final' (default) checks each pass on the example input and two random inputs once at the end, against
+    the original model; if that final check fails, the pipeline re-runs with the per-pass guard on all three, which
+    guard='each' does from the start (three times the forward runs of the converted graph, which dominate the time).
     The user's model is deep-copied by capture and never modified.
 
     export='model.onnx' also writes the ONNX (attn2conv.export.export_onnx: opset from the profile, provenance kept),
