@@ -94,7 +94,7 @@ def convert(
 
     say("capture")
     start = time.perf_counter()
-    gm = capture(model, inputs)
+    gm = capture(model, inputs, shapes=False)  # the guard's first run below records the shapes
     capture_seconds = time.perf_counter() - start
 
     pipe = pipeline if pipeline is not None else Pipeline.for_target(profile.kind, fidelity)
@@ -104,7 +104,7 @@ def convert(
                               fidelity=fidelity, rtol=rtol, capture_seconds=capture_seconds, guard_mode=guard,
                               op_counts_before=dict(op_counts(gm)))
     # torch.export reproduces the model exactly, so the captured graph is the numeric reference for every pass.
-    numeric_guard = NumericGuard.for_module(gm, inputs, rtol=rtol, mode=guard)
+    numeric_guard = NumericGuard.for_module(gm, inputs, rtol=rtol, mode=guard, record_shapes=True)
     gm, report.passes = pipe.run(gm, ctx, numeric_guard, progress=say)
     # the guard holds the final graph's outputs (it runs the random probes now in 'final' mode)
     report.rel_error = numeric_guard.finish(gm)

@@ -119,11 +119,12 @@ class NumericGuard:
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, example_inputs: tuple, rtol: float = DEFAULT_RTOL,
-                   n_random: int = 2, mode: str = "each") -> "NumericGuard":
+                   n_random: int = 2, mode: str = "each", record_shapes: bool = False) -> "NumericGuard":
+        """record_shapes: `module` is an fx.GraphModule whose node.meta['val'] is set from the example input's run."""
         if mode not in GUARD_MODES:
             raise ValueError(f"guard mode {mode!r} is not one of {', '.join(GUARD_MODES)}")
         guard = cls(probe_inputs(example_inputs, n_random), rtol, mode=mode)
-        guard.reference = guard.original = run_outputs(module, guard.probes)
+        guard.reference = guard.original = run_outputs(module, guard.probes, record_shapes=record_shapes)
         return guard
 
     def _step_count(self) -> int:
