@@ -77,6 +77,7 @@ class _ShapeRecorder(fx.Interpreter):
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def run_node(self, n: fx.Node):
+        from torch._subclasses.fake_tensor import FakeTensor
         from torch.fx.node import map_aggregate
 
         result = super().run_node(n)
@@ -85,8 +86,10 @@ class _ShapeRecorder(fx.Interpreter):
 
         def fake(obj):
             if isinstance(obj, torch.Tensor):
-                with self.mode:  # an empty fake with the value's layout (from_tensor takes twice as long)
-                    return torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=obj.device)
+                # an empty fake with the value's layout, built directly: from_tensor or empty_strided under the mode
+                # go through fake dispatch, whose first call per new shape cost ~5 ms a node
+                meta = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device="meta")
+                return FakeTensor(self.mode, meta, obj.device)
             if isinstance(obj, (int, float, bool)):
                 return obj
             return None
