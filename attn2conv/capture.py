@@ -44,8 +44,10 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise CaptureError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
-    """Returns the model as a functional ATen GraphModule. The user's model is deep-copied, never touched."""
+def capture(model: torch.nn.Module, example_inputs: Any = None, *, shapes: bool = True) -> fx.GraphModule:
+    """Returns the model as a functional ATen GraphModule. The user's model is deep-copied, never touched.
+    shapes=False leaves node.meta['val'] as torch.export wrote it, for a caller that refreshes the shapes itself (the
+    conversion's guard does, on its first run of the graph)."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs) or default_example_inputs(model)
@@ -66,7 +68,8 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModul
         p.requires_grad_(False)
     gm.meta["example_inputs"] = inputs
     gm.meta["source_class"] = type(model).__name__
-    refresh_shapes(gm, inputs)
+    if shapes:
+        refresh_shapes(gm, inputs)
     return gm
 
 

@@ -229,9 +229,10 @@ class ConvertTool:
                        help="trt, trt-safe, dla, a profile id (trt-safe-8.6) or a profile .toml (default trt-safe)")
         p.add_argument("--fidelity", choices=("exact", "fast"), default="exact",
                        help="exact: numerically identical rewrites only (default); fast: also architectural swaps")
-        p.add_argument("--guard", choices=("each", "final"), default="each",
-                       help="numeric guard: every probe after every pass (default), or the example input per pass "
-                            "and the random probes once at the end (3x fewer forward runs)")
+        p.add_argument("--guard", choices=("each", "final"), default="final",
+                       help="numeric guard: the example input after every pass and two random probes at the end, "
+                            "re-run per pass if they fail (default, 'final'), or every probe after every pass ('each', "
+                            "3x the forward runs)")
         p.add_argument("--input-shape", metavar="N,C,H,W",
                        help="example input shape (default: from the model's config, e.g. 1,3,224,224)")
         p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",

@@ -50,9 +50,54 @@ def probe_inputs(example_inputs: tuple, n_random: int = 2, seed: int = 0) -> lis
     return probes
 
 
-def run_outputs(module: torch.nn.Module, probes: list[tuple]) -> list[list[torch.Tensor]]:
+def run_outputs(module: torch.nn.Module, probes: list[tuple], record_shapes: bool = False) -> list[list[torch.Tensor]]:
+    """Flat output tensors of `module` on each probe. record_shapes=True (an fx.GraphModule) also sets every node's
+    meta['val'] from the first probe's real values, which is what attn2conv.graph.refresh_shapes computes with fake
+    tensors: one forward run gives the guard's outputs and the shapes (the separate fake propagation cost about as
+    much as a forward)."""
     with torch.no_grad():
+        if record_shapes and probes:
+            first = flat_tensors(_ShapeRecorder(module).run(*_flat_probe(probes[0])))
+            return [first] + [flat_tensors(module(*p)) for p in probes[1:]]
         return [flat_tensors(module(*p)) for p in probes]
+
+
+def _flat_probe(probe: tuple) -> list:
+    return torch.utils._pytree.tree_leaves(probe)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on real tensors and leaves each node a fake tensor of its value (shape, dtype, strides), as
+    torch.fx.passes.fake_tensor_prop.FakeTensorProp would."""
+
+    def __init__(self, module: fx.GraphModule):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        super().__init__(module)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def run_node(self, n: fx.Node):
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.fx.node import map_aggregate
+
+        result = super().run_node(n)
+        if n.op == "output":
+            return result
+
+        def fake(obj):
+            if isinstance(obj, torch.Tensor):
+                # an empty fake with the value's layout, built directly: from_tensor or empty_strided under the mode
+                # go through fake dispatch, whose first call per new shape cost ~5 ms a node
+                meta = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device="meta")
+                return FakeTensor(self.mode, meta, obj.device)
+            if isinstance(obj, (int, float, bool)):
+                return obj
+            return None
+
+        meta = map_aggregate(result, fake)
+        if meta is not None:
+            n.meta["val"] = meta
+        return result
 
 
 GUARD_MODES = ("each", "final")
@@ -77,20 +122,22 @@ class NumericGuard:
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, example_inputs: tuple, rtol: float = DEFAULT_RTOL,
-                   n_random: int = 2, mode: str = "each") -> "NumericGuard":
+                   n_random: int = 2, mode: str = "each", record_shapes: bool = False) -> "NumericGuard":
+        """record_shapes: `module` is an fx.GraphModule whose node.meta['val'] is set from the example input's run."""
         if mode not in GUARD_MODES:
             raise ValueError(f"guard mode {mode!r} is not one of {', '.join(GUARD_MODES)}")
         guard = cls(probe_inputs(example_inputs, n_random), rtol, mode=mode)
-        guard.reference = guard.original = run_outputs(module, guard.probes)
+        guard.reference = guard.original = run_outputs(module, guard.probes, record_shapes=record_shapes)
         return guard
 
     def _step_count(self) -> int:
         return len(self.probes) if self.mode == "each" else 1
 
-    def measure(self, gm: fx.GraphModule) -> tuple[float, float, list[list[torch.Tensor]]]:
-        """(error vs the last accepted graph, error vs the original model, the candidate's outputs)."""
+    def measure(self, gm: fx.GraphModule, record_shapes: bool = False) -> tuple[float, float, list[list[torch.Tensor]]]:
+        """(error vs the last accepted graph, error vs the original model, the candidate's outputs).
+        record_shapes: also refresh every node's meta['val'] from the run on the first probe (the example input)."""
         n = self._step_count()
-        outs = run_outputs(gm, self.probes[:n])
+        outs = run_outputs(gm, self.probes[:n], record_shapes=record_shapes)
         step = max(relative_error(o, r) for o, r in zip(outs, self.reference[:n]))
         total = max(relative_error(o, r) for o, r in zip(outs, self.original[:n]))
         return step, total, outs

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Iterable, Union
 
+import torch
 import torch.fx as fx
 
 from attn2conv.errors import PipelineError
@@ -120,18 +121,22 @@ class Pipeline:
             progress=None) -> tuple[fx.GraphModule, list[PassRecord]]:
         """Runs every pass in order on `gm`; returns the final module (possibly a rolled-back copy) and records."""
         records = []
+        weights = WeightStore()
         for p in self.passes:
             if progress is not None:
                 progress(p.id)
-            gm, record = run_pass(p, gm, ctx, guard)
+            gm, record = run_pass(p, gm, ctx, guard, weights)
             records.append(record)
         return gm, records
 
 
-def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext,
-             guard: NumericGuard | None) -> tuple[fx.GraphModule, PassRecord]:
-    snapshot = copy.deepcopy(gm)
+def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, guard: NumericGuard | None,
+             weights: "WeightStore | None" = None) -> tuple[fx.GraphModule, PassRecord]:
     start = time.perf_counter()
+    weights = weights if weights is not None else WeightStore()
+    snapshot = _snapshot(gm, weights)
+    # the guard's run on the example input also re-infers the shapes (one forward instead of a fake propagation too)
+    shapes_from_guard = guard is not None and bool(guard.probes) and guard.probes[0] is ctx.example_inputs
     record = PassRecord(p.id, p.exact, "applied")
     try:
         result = p.run(gm, ctx)
@@ -141,31 +146,71 @@ def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext,
         if not result.changed:
             record.status = "no change"
             record.seconds = time.perf_counter() - start
-            return snapshot if _graph_touched(gm, snapshot) else gm, record
+            return _restore(snapshot, weights) if _graph_touched(gm, snapshot) else gm, record
         cleanup(gm)
-        refresh_shapes(gm, ctx.example_inputs)
+        if not shapes_from_guard:
+            refresh_shapes(gm, ctx.example_inputs)
     except Exception as exc:  # a broken pass must not break the conversion
         record.status = "failed"
         record.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
         record.seconds = time.perf_counter() - start
-        return snapshot, record
+        return _restore(snapshot, weights), record
     if guard is not None:
         try:
-            step, total, outs = guard.measure(gm)
+            step, total, outs = guard.measure(gm, record_shapes=shapes_from_guard)
         except Exception as exc:
             record.status = "failed"
             record.notes.append(f"rewritten graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
             record.seconds = time.perf_counter() - start
-            return snapshot, record
+            return _restore(snapshot, weights), record
         record.rel_error, record.rel_error_total = step, total
         if p.exact and not step <= guard.rtol:
             record.status = "rolled back"
             record.notes.append(f"relative error {step:.2e} exceeds the bound {guard.rtol:g}; graph restored")
             record.seconds = time.perf_counter() - start
-            return snapshot, record
+            return _restore(snapshot, weights), record
         guard.accept(outs)
     record.seconds = time.perf_counter() - start
     return gm, record
+
+
+def _snapshot(gm: fx.GraphModule, weights: "WeightStore") -> fx.GraphModule:
+    """A copy of the graph and module tree that shares the weight tensors (a full deep copy copied every weight before
+    every pass); `weights` keeps each tensor's value as of now, in case the pass writes into one in place."""
+    weights.refresh(gm)
+    return copy.deepcopy(gm, {id(t): t for t in weights.tensors()})
+
+
+def _restore(snapshot: fx.GraphModule, weights: "WeightStore") -> fx.GraphModule:
+    weights.restore()
+    return snapshot
+
+
+class WeightStore:
+    """The values of a module's tensors before the running pass, copied once per tensor and version (a pass that
+    writes into a weight in place bumps its version counter): restoring a snapshot puts those values back. Most passes
+    only register new tensors, so this copies the weights once per conversion instead of once per pass."""
+
+    def __init__(self):
+        self.saved: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [entry[0] for entry in self.saved.values()]
+
+    def refresh(self, gm: fx.GraphModule) -> None:
+        live = {}
+        for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            entry = self.saved.get(id(t))
+            if entry is None or entry[0] is not t or entry[1] != t._version:
+                entry = (t, t._version, t.detach().clone())
+            live[id(t)] = entry
+        self.saved = live
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, version, value in self.saved.values():
+                if t._version != version:
+                    t.copy_(value)
 
 
 def _graph_touched(gm: fx.GraphModule, snapshot: fx.GraphModule) -> bool:

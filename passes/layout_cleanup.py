@@ -67,6 +67,7 @@ class LayoutCleanup(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
+        self._forms: dict[tuple, list | None] = {}
         before = sum(is_layout(n) for n in gm.graph.nodes)
         chains = regions = 0
         for _ in range(MAX_SWEEPS):
@@ -93,7 +94,10 @@ class LayoutCleanup(GraphPass):
             xs, ys = shape(src), shape(node)
             if xs is None or ys is None:
                 continue
-            form = express(xs, ys, index_map(chain, xs))
+            sig = _signature(chain, xs)  # the same chain is met again in every sweep
+            if sig not in self._forms:
+                self._forms[sig] = express(xs, ys, LayoutMap(chain, xs))
+            form = self._forms[sig]
             if form is None or len(form) >= len(chain):
                 continue
             new = _build(gm, node, src, form, node.meta["val"].dtype)
@@ -111,16 +115,16 @@ class LayoutCleanup(GraphPass):
                 continue  # not a chain end
             chain, src = _chain_to(seed)
             xs, ys = shape(src), shape(seed)
-            if xs is None or ys is None or xs == ys and torch.equal(index_map(chain, xs).flatten(),
-                                                                   torch.arange(math.prod(xs))):
+            if xs is None or ys is None:
                 continue
-            if self._try_region(gm, seed, src, xs, ys, index_map(chain, xs)):
+            fwd = LayoutMap(chain, xs)
+            if xs == ys and fwd.is_identity():
+                continue
+            if self._try_region(gm, seed, src, xs, ys, fwd):
                 done += 1
         return done
 
-    def _try_region(self, gm, seed, src, xs, ys, fwd) -> bool:
-        inv = torch.empty(fwd.numel(), dtype=torch.long)
-        inv[fwd.flatten()] = torch.arange(fwd.numel())
+    def _try_region(self, gm, seed, src, xs, ys, fwd: "LayoutMap") -> bool:
         region: list[fx.Node] = []
         members: set[fx.Node] = set()
         plan: dict[fx.Node, list] = {}  # node -> operand plan
@@ -130,7 +134,7 @@ class LayoutCleanup(GraphPass):
             e = frontier.pop(0)
             if e in members or not _elementwise(e) or shape(e) != ys:
                 continue
-            ops = self._plan_operands(gm, e, members, xs, ys, fwd, inv)
+            ops = self._plan_operands(gm, e, members, xs, ys, fwd)
             if ops is None:
                 continue
             region.append(e)
@@ -154,7 +158,7 @@ class LayoutCleanup(GraphPass):
         self._rewrite(gm, region, members, plan, xs, ys, fwd)
         return True
 
-    def _plan_operands(self, gm, e, members, xs, ys, fwd, inv):
+    def _plan_operands(self, gm, e, members, xs, ys, fwd: "LayoutMap"):
         ops = []
         for a in list(e.args):
             if not isinstance(a, fx.Node):
@@ -167,7 +171,7 @@ class LayoutCleanup(GraphPass):
                 continue
             const = get_constant(gm, a)
             if const is not None:
-                moved = _move_constant(const, xs, ys, fwd)
+                moved = _move_constant(const, xs, ys, fwd.tensor())
                 if moved is None:
                     return None
                 ops.append(("constant", moved))
@@ -176,10 +180,10 @@ class LayoutCleanup(GraphPass):
                 return None
             if is_layout(a):
                 chain, s = _chain_to(a)
-                if shape(s) == xs and torch.equal(index_map(chain, xs), fwd):
+                if shape(s) == xs and LayoutMap(chain, xs).equals(fwd):
                     ops.append(("wrapped", a, s))
                     continue
-            z = _existing_inverse(a, xs, inv)
+            z = _existing_inverse(a, xs, fwd)
             if z is None:
                 return None
             ops.append(("inverse", z))
@@ -240,20 +244,156 @@ def index_map(chain: list[fx.Node], xs: tuple[int, ...]) -> torch.Tensor:
     return idx
 
 
-def express(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
+def _signature(chain: list[fx.Node], xs) -> tuple:
+    """What a chain's index map depends on: the source shape and each op with its arguments."""
+    return tuple(xs), tuple((n.target, repr(n.args[1:]), repr(sorted(n.kwargs.items()))) for n in chain)
+
+
+def _contiguous_strides(shape_) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape_):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
+def _key(shape_, strides, offset=0) -> tuple:
+    """Two strided views of the same flat source hold the same indices iff these keys are equal (the stride of a
+    size-1 dim means nothing)."""
+    return tuple(shape_), tuple(s if d != 1 else 0 for d, s in zip(shape_, strides)), offset
+
+
+def _view_key(shape_, strides, new_shape) -> tuple | None:
+    """Key of `new_shape` viewed over a strided tensor; None when torch would have to copy (then the indices are no
+    strided pattern, see LayoutMap)."""
+    try:
+        v = torch.empty_strided(tuple(shape_), tuple(strides), device="meta").view(list(new_shape))
+    except RuntimeError:
+        return None
+    return _key(v.shape, v.stride())
+
+
+class LayoutMap:
+    """The index map of a layout chain over a source of shape xs, without building it where it can be avoided.
+
+    Most chains (permutes, reshapes that torch can do as views, (un)squeezes) map element i of the output to
+    offset + sum(i_k * stride_k) of the flat source: a strided view. Such a map is held as (shape, strides, offset),
+    computed on meta tensors in microseconds; equality, identity and the permute/reshape search in `express` compare
+    those keys. A reshape that needs a copy leaves the strided form (torch's view refuses exactly the regroupings no
+    strides describe); then the map is the int64 index tensor of `index_map` (one element per tensor element, which
+    on a 15M-element attention product is what made this pass slow)."""
+
+    def __init__(self, chain: list[fx.Node], xs: tuple[int, ...]):
+        self.chain, self.xs = list(chain), tuple(xs)
+        self.key = _strided_key(self.chain, self.xs)
+        self._tensor = None
+
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = index_map(self.chain, self.xs)
+        return self._tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.key[0] if self.key is not None else tuple(self.tensor().shape)
+
+    def is_identity(self) -> bool:
+        """The flat order is the source's (the map is nothing or one reshape)."""
+        if self.key is not None:
+            return self.key == _key(self.key[0], _contiguous_strides(self.key[0]))
+        flat = self.tensor().flatten()
+        return torch.equal(flat, torch.arange(flat.numel()))
+
+    def equals(self, other: "LayoutMap") -> bool:
+        if self.key is not None and other.key is not None:
+            return self.key == other.key
+        return torch.equal(self.tensor(), other.tensor())
+
+
+def _strided_key(chain: list[fx.Node], xs: tuple[int, ...]) -> tuple | None:
+    t = torch.empty(xs, device="meta")
+    for node in chain:
+        target, args = node.target, node.args[1:]
+        if target is aten.clone.default or target is aten.alias.default:
+            continue
+        try:
+            if target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+                t = t.view(list(args[0]))
+            elif target is aten.flatten.using_ints:
+                t = t.view(torch.empty(t.shape, device="meta").flatten(*args).shape)
+            else:  # permute, transpose, t, (un)squeeze: views by definition
+                t = target(t, *args, **node.kwargs)
+        except RuntimeError:
+            return None
+    return _key(t.shape, t.stride(), t.storage_offset())
+
+
+def express(xs, ys, idx: "LayoutMap | torch.Tensor") -> list[tuple] | None:
     """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout."""
     xs, ys = tuple(xs), tuple(ys)
+    if isinstance(idx, LayoutMap):
+        if idx.key is None:
+            return _express_tensor(xs, ys, idx.tensor())
+        return _express_strided(xs, ys, idx)
+    return _express_tensor(xs, ys, idx)
+
+
+def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
+    """`_express_tensor` on strided keys: the same candidates in the same order, so the same answer."""
+    if m.is_identity():
+        return [] if xs == ys else [("reshape", list(ys))]
+    n = math.prod(xs)
+    base = _contiguous_strides(xs)
+    if len(xs) == len(ys) and len(xs) <= 6:
+        for p in itertools.permutations(range(len(xs))):
+            if tuple(xs[i] for i in p) == ys and _key(ys, [base[i] for i in p]) == m.key:
+                return [("permute", list(p))]
+    if len(xs) <= 6:
+        for p in itertools.permutations(range(len(xs))):
+            if _view_key([xs[i] for i in p], [base[i] for i in p], ys) == m.key:
+                return [("permute", list(p)), ("reshape", list(ys))]
+    if len(ys) <= 6:
+        for p in itertools.permutations(range(len(ys))):
+            mid = [0] * len(ys)
+            for i, d in enumerate(p):
+                mid[d] = ys[i]
+            if math.prod(mid) == n:
+                mid_strides = _contiguous_strides(mid)
+                if _key([mid[d] for d in p], [mid_strides[d] for d in p]) == m.key:
+                    return [("reshape", mid), ("permute", list(p))]
+    return None
+
+
+def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
     flat = idx.flatten()
     base = torch.arange(flat.numel())
     if torch.equal(flat, base):
         return [] if xs == ys else [("reshape", list(ys))]
     a = base.reshape(xs)
+    # every candidate is first compared on a few sampled positions (computed, not materialised): on a 15M-element
+    # map the full comparison of each of up to 720 candidates is what cost the time
+    where = torch.unique(torch.cat([torch.arange(min(64, flat.numel())),
+                                    torch.randint(flat.numel(), (256,), generator=torch.Generator().manual_seed(0)),
+                                    torch.tensor([flat.numel() - 1])]))
+    sample = flat[where]
+    strides = _contiguous_strides(xs)
+
+    def plausible(dims, dim_strides) -> bool:  # the sampled flat positions of a strided candidate of shape `dims`
+        rest, value = where.clone(), torch.zeros_like(where)
+        for d, st in zip(reversed(dims), reversed(dim_strides)):
+            value += (rest % d) * st
+            rest //= d
+        return torch.equal(value, sample)
+
     if len(xs) == len(ys) and len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
             if tuple(xs[i] for i in p) == ys and torch.equal(a.permute(p), idx):
                 return [("permute", list(p))]
     if len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
+            # permute then reshape keeps the permuted tensor's flat order
+            if not plausible([xs[i] for i in p], [strides[i] for i in p]):
+                continue
             t = a.permute(p)
             if torch.equal(t.reshape(ys), idx):
                 return [("permute", list(p)), ("reshape", list(ys))]
@@ -262,8 +402,12 @@ def express(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
             mid = [0] * len(ys)
             for i, d in enumerate(p):
                 mid[d] = ys[i]
-            if math.prod(mid) == flat.numel() and torch.equal(a.reshape(mid).permute(p), idx):
-                return [("reshape", mid), ("permute", list(p))]
+            if math.prod(mid) == flat.numel():
+                mid_strides = _contiguous_strides(mid)
+                if not plausible([mid[d] for d in p], [mid_strides[d] for d in p]):
+                    continue
+                if torch.equal(a.reshape(mid).permute(p), idx):
+                    return [("reshape", mid), ("permute", list(p))]
     return None
 
 
@@ -301,14 +445,15 @@ def _move_constant(const: torch.Tensor, xs, ys, fwd: torch.Tensor) -> torch.Tens
     return moved.contiguous()
 
 
-def _existing_inverse(a: fx.Node, xs, inv: torch.Tensor) -> fx.Node | None:
-    """A layout chain already in the graph that reads `a` and yields L^-1(a) (shape xs)."""
+def _existing_inverse(a: fx.Node, xs, fwd: LayoutMap) -> fx.Node | None:
+    """A layout chain already in the graph that reads `a` and yields L^-1(a) (shape xs): L followed by it is the
+    identity on xs."""
     stack = [(u, 1) for u in a.users if is_layout(u)]
     while stack:
         node, depth = stack.pop()
         if shape(node) == xs:
             chain, src = _chain_to(node)
-            if src is a and torch.equal(index_map(chain, shape(a)).flatten(), inv):
+            if src is a and LayoutMap(fwd.chain + chain, xs).is_identity():
                 return node
         if depth < 3:
             stack.extend((u, depth + 1) for u in node.users if is_layout(u))

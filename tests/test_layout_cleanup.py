@@ -87,3 +87,59 @@ def test_chain_that_is_not_an_inverse_stays():
     result = attn2conv.convert(net, "trt-safe", x, pipeline=attn2conv.Pipeline(["layout_cleanup"]))
     assert op_counts(result.module)["aten.permute"] == 1
     assert torch.equal(result.module(x), net(x))
+
+
+def _random_chain(rng, xs):
+    """An fx chain of 1-4 random layout ops (permutes, reshapes that may or may not be views, (un)squeezes)."""
+    from attn2conv.graph import aten
+
+    g = fx.Graph()
+    node = g.placeholder("x")
+    chain, cur = [], list(xs)
+    for _ in range(int(rng.integers(1, 5))):
+        kind = rng.integers(0, 4)
+        if kind == 0 and len(cur) > 1:
+            node = g.call_function(aten.permute.default, (node, [int(d) for d in rng.permutation(len(cur))]))
+            cur = [cur[d] for d in node.args[1]]
+        elif kind == 1:  # regroup the elements into a random factorisation of numel
+            n, dims = int(torch.tensor(cur).prod()), []
+            while n > 1 and len(dims) < 4:
+                factors = [d for d in (2, 3, 4, 6, n) if n % d == 0]
+                f = factors[int(rng.integers(0, len(factors)))]
+                dims.append(f)
+                n //= f
+            cur = dims + ([n] if n > 1 else []) or [1]
+            node = g.call_function(aten.reshape.default, (node, list(cur)))
+        elif kind == 2:
+            d = int(rng.integers(0, len(cur) + 1))
+            node = g.call_function(aten.unsqueeze.default, (node, d))
+            cur.insert(d, 1)
+        else:
+            node = g.call_function(aten.transpose.int, (node, 0, len(cur) - 1))
+            cur[0], cur[-1] = cur[-1], cur[0]
+        chain.append(node)
+    return chain, tuple(cur)
+
+
+def test_strided_layout_maps_agree_with_index_tensors():
+    """LayoutMap decides identity, equality and the shortest form from strides alone; index tensors are the truth."""
+    import numpy as np
+
+    from attn2conv.passes.layout_cleanup import LayoutMap, _express_tensor, express, index_map
+
+    rng = np.random.default_rng(0)
+    strided = copied = 0
+    maps = []
+    for _ in range(400):
+        xs = tuple(int(d) for d in rng.choice([2, 3, 4, 6], size=int(rng.integers(2, 5))))
+        chain, ys = _random_chain(rng, xs)
+        m, idx = LayoutMap(chain, xs), index_map(chain, xs)
+        strided, copied = strided + (m.key is not None), copied + (m.key is None)
+        assert m.shape == tuple(idx.shape) == ys
+        assert m.is_identity() == torch.equal(idx.flatten(), torch.arange(idx.numel()))
+        assert express(xs, ys, m) == _express_tensor(xs, ys, idx)
+        maps.append((xs, m, idx))
+    for (xa, a, ia), (xb, b, ib) in zip(maps, maps[1:] + maps[:1]):
+        if xa == xb and ia.shape == ib.shape:
+            assert a.equals(b) == torch.equal(ia, ib)
+    assert strided > 200 and copied > 20  # both representations were exercised

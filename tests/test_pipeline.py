@@ -127,3 +127,34 @@ def test_guard_modes_catch_a_pass_that_only_breaks_random_inputs(mode):
     probe = torch.randn(1, 3, 32, 32)
     assert rel_error(result.module(probe), model(probe)) < 1e-4
     assert ("re-ran every pass" in result.report.extra.get("guard", "")) == (mode == "final")
+
+
+def test_guard_run_records_the_same_shapes_as_fake_propagation():
+    """The pipeline takes each node's meta['val'] from the guard's run on the example input instead of a separate
+    fake-tensor propagation; both must agree on every node's shape and dtype."""
+    from attn2conv.capture import capture
+    from attn2conv.graph import refresh_shapes
+    from attn2conv.guard import NumericGuard
+    from attn2conv.pass_infra import PassContext
+    from attn2conv.pipeline import run_pass
+    from attn2conv.targets import resolve_target
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = capture(model, x)
+    ctx = PassContext(example_inputs=(x,), profile=resolve_target("trt-safe"))
+    guard = NumericGuard.for_module(gm, ctx.example_inputs, mode="final")
+    for pass_id in ("layernorm_decompose", "linear_to_conv", "attention_to_conv"):
+        gm, record = run_pass(Pipeline([pass_id]).passes[0], gm, ctx, guard)
+        assert record.status == "applied", (pass_id, record.notes)
+    recorded = {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    refresh_shapes(gm, ctx.example_inputs)
+    compared = 0
+    for n in gm.graph.nodes:
+        want, got = n.meta.get("val"), recorded[n.name]
+        if isinstance(want, torch.Tensor):
+            assert isinstance(got, torch.Tensor), n.name
+            # (strides can differ: the real conv kernel may pick another memory format than the fake one predicts)
+            assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device), n.name
+            compared += 1
+    assert compared > 50
