@@ -24,7 +24,7 @@ Where the target does not allow Softmax (trt-safe), it is decomposed exactly, wi
 the sum over keys (dividing O costs g*dv*N instead of g*M*N):
 
     mx = MaxPool(kernel (M, 1))(S)                       (B, g, 1, N)   max over keys
-    z  = S - mx  <= 0                                     (computed as S + (-1)*mx and (-1)*S + mx: Mul/Add only)
+    z  = S - mx  <= 0                                     (computed as S + (-1)*mx, and -z as (-1)*z: Mul/Add only)
     E  = Sigmoid(z) / Sigmoid(-z)  = e^z                  exact identity; for z <= 0 the denominator is in [1/2, 1]
                                                           (no 0/0), and -inf biases give 0/1 = 0
     den = Conv1x1_groups=g(E', ones(g, M, 1, 1))          (B, g, 1, N)   sum over keys
@@ -39,13 +39,28 @@ chain (dot weight = ones). With a mix after the softmax, the decomposition norma
 since the division by each head's key sum does not commute with mixing heads. These cores are never chunked (a head
 chunk cannot be mixed with the others; query chunks would need the chains sliced), so the budget is not enforced.
 
-Memory: the broadcast products Q*K and A'*V hold B*g*max(d, dv)*M*N elements. When that exceeds the option
-`max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default DEFAULT_MAX_BROADCAST), the
-core is computed in static chunks: first over heads (channel slices, concatenated on the channel axis), then over
-queries (slices of N, concatenated on the last axis). The peak is reported in the pass notes. Chunks bound memory
-only: on ONNX Runtime CPU every chunking measured slower than one op (per-node overhead; single-group convs also get
-NCHWc reorders), e.g. Q*K + reduction for DeiT-S: 16.8 ms whole vs 26.8 / 36.9 / 97.3 ms in query chunks of
-64 / 16 / 4 (loaded 2-core machine, MatMul: 0.3 ms).
+Memory and speed (ONNX Runtime CPU, measured on a 2-core AMD EPYC, 2 MiB L2 per core, 32 MiB L3): the broadcast
+products Q*K and E'*V hold B*g*max(d, dv)*M*N elements (DeiT-S: 14.9M = 57 MiB per product per layer) and are the
+whole cost: ORT's broadcast Mul writes ~0.15 ns/element on one thread when its output stays in cache and ~0.2-0.5 ns
+when it does not, and the grouped conv reading it back costs 0.06 ns/element in cache and 2-3x that from DRAM (per-op
+profile, one DeiT-S core on one thread: Mul 5.9 ms + Conv 4.2 ms unchunked, 4.3 + 1.9 ms in one-head chunks; softmax
+pieces, Split, Concat and Add together < 1 ms). So every core is computed in static chunks whose product holds at
+most the option `max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default
+DEFAULT_MAX_BROADCAST: 1M elements = 4 MiB fp32, so a chunk and the conv reading it stay in L2/L3): first whole
+images of the batch axis (Swin windows), then heads (channel slices), then keys (for Q*K the key axis of K; for E'*V
+the key channels, one head at a time, whose partial sums are added). Queries are never cut: N is the innermost,
+contiguous axis of both products, the run ORT's broadcast Mul works along (query chunks shortened it and measured
+1.4x slower). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
+softmax (or its decomposition) runs once on the whole S; phase 2 splits E' and V and sums chunk by chunk. The peak
+(largest product) is reported in the pass notes. Measured on DeiT-S (attention_to_conv only, one thread, CPU time):
+1.92x the original at budget 4M (one head per chunk), 1.87x at 1M (one head x 66 keys), 1.88x at 512K, 2.8x at 256K
+(per-node overhead of 10 key chunks per head), 2.46x unchunked; Swin-T: 1.72x unchunked, 1.64x at 4M, 1.58x at 1M.
+
+A one-head chunk is a group-1 conv; ORT converts group-1 convs whose input channels are a multiple of its NCHWc
+block (d = 32, 64) to its blocked layout and first copies the whole product into it (ReorderInput: 6-7 ms for a
+DeiT-S head whose product takes 0.4 ms). Such sums are done as two half-groups (groups=2, two outputs per head), and
+the halves of all heads are merged by one grouped conv of ones on S (or an Add for a single head); grouped convs with
+one output per group are never reordered.
 
 Batch axis: L[0] (B for ViTs; B*windows for Swin, whose window partition already puts windows on the batch axis).
 
@@ -61,11 +76,14 @@ error: whole-model relative errors stay around 1e-6.
 
 Ops introduced (ATen -> ONNX):
   every target: aten.mul (Mul), aten.conv2d (Conv, constant weights), aten.reshape (Reshape), aten.permute
-  (Transpose), aten.add (Add, when there is a bias); chunking adds aten.slice (Slice) and aten.cat (Concat); a
+  (Transpose), aten.add (Add: bias, half sums of one head, partial sums over key chunks); chunking adds
+  aten.split_with_sizes (Split) and aten.cat (Concat) (the pooled layout: aten.slice, Slice); a
   float mask computed in the graph (not folded) adds aten.expand (Expand) when it needs broadcasting. All rank <= 4.
   Softmax allowed (dla): aten.softmax (Softmax, axis 2 of a 4-D tensor).
   Softmax not allowed (trt-safe): aten.max_pool2d (MaxPool), aten.sigmoid (Sigmoid), aten.div (Div).
-  On trt-safe-8.6, MaxPool, Div, Slice and Concat are "undocumented" warnings; MatMul, Einsum and Softmax are gone.
+  On trt-safe-8.6, MaxPool, Div, Split, Slice and Concat are "undocumented" warnings; MatMul, Einsum and Softmax
+  are gone. No formulation uses a convolution whose weights are computed in the graph (q or k as a kernel would make
+  a 1x1 conv a matrix product, far cheaper on a CPU), because no profile here documents such weights as legal.
 Targets whose profile accepts MatMul of two activations (trt) are left alone: the pass does nothing there.
 """
 from __future__ import annotations
@@ -81,10 +99,8 @@ from attn2conv.attention_match import (AttentionMatch, constant_value, eliminate
 from attn2conv.graph import Builder, aten, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
-# Elements of one broadcast product (Q*K or A*V) computed in one op: 16M floats = 64 MiB, so a DeiT-S/ViT-S core
-# (6*64*197*197 = 14.9M) runs unchunked. On ONNX Runtime CPU, chunking was measured slower, not faster (one DeiT-S
-# attention: 8.0 ms unchunked, 14.2 ms in 6 chunks, 22.7 ms in 18, 62 ms in 60; per-node overhead and ORT's NCHWc
-# reorders of single-group convs outweigh the cache gain), so chunks only bound memory. See bench_attention.py.
+# Elements of one broadcast product (Q*K or E'*V) computed in one op: 1M floats = 4 MiB, so that a chunk and the conv
+# reading it stay in cache (module docstring: measured 1.87x at 1M vs 1.92x at 4M and 2.46x unchunked for DeiT-S).
 DEFAULT_MAX_BROADCAST = 1024 * 1024
 
 
