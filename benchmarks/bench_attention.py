@@ -1,7 +1,7 @@
 """ONNX Runtime CPU latency and peak memory of a ViT before and after the exact attention -> convolution rewrite.
 
-    .venv/bin/python benchmarks/bench_attention.py                      # DeiT-S, batch 1, 224x224
-    .venv/bin/python benchmarks/bench_attention.py --model swin_tiny_patch4_window7_224 --repeats 5
+    .venv/bin/python benchmarks/bench_attention.py                      # DeiT-S and Swin-T, batch 1, 224x224
+    .venv/bin/python benchmarks/bench_attention.py --model deit_small_patch16_224 --repeats 5 --op-profile
 
 Variants, exported with attn2conv.export.export_onnx (torch.onnx dynamo) and run side by side in one process:
   original        the captured model (MatMul + Softmax attention)
@@ -11,7 +11,10 @@ Latency: after warm-up, `--repeats` rounds; in each round every variant runs `--
 is kept; the reported figure is the median over rounds (rounds interleave the variants, so load from other processes
 hits all of them alike). Peak memory: the peak RSS of a fresh process that loads the ONNX file into an ORT session and
 runs it three times (VmHWM), minus the same process's RSS before the session was created.
-Results go to benchmarks/results/attention.json (random weights: pretrained=False).
+With --op-profile, ONNX Runtime's profiler also gives the time per ONNX op type of each variant (mean per run).
+Results go to benchmarks/results/attention.json, one entry per model (random weights: pretrained=False). The target
+of the issue: converted / original <= 2.0 for both models. The original and attention-only graphs are exported with
+the trt-10 profile's opset (Swin's Pad has no opset-17 adapter), the converted one for trt-safe.
 """
 from __future__ import annotations
 
@@ -62,15 +65,15 @@ def _status_kib(field: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def _export(module, x, path: str) -> None:
+def _export(module, x, path: str, target: str) -> None:
     from attn2conv.export import export_onnx
 
-    export_onnx(module, (x,), path, target="trt-safe", parity=False)
+    export_onnx(module, (x,), path, target=target, parity=False)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--model", nargs="+", default=["deit_small_patch16_224", "swin_tiny_patch4_window7_224"])
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=3)
@@ -78,12 +81,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=int, default=None, help="attention_to_conv max_broadcast_elems")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--op-profile", action="store_true", help="also record ORT time per op type")
     ap.add_argument("--memory-probe", nargs=2, metavar=("ONNX", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_probe:
         _memory_probe(args.memory_probe[0], args.threads, json.loads(args.memory_probe[1]))
         return
 
+    for model_name in args.model:
+        _bench_model(args, model_name)
+
+
+def _bench_model(args, model_name: str) -> None:
     import timm
     import torch
 
@@ -92,7 +101,7 @@ def main() -> None:
     from attn2conv.pipeline import Pipeline
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    model = timm.create_model(model_name, pretrained=False, img_size=args.img_size).eval()
     x = torch.randn(1, 3, args.img_size, args.img_size)
     options = {"attention_to_conv": {"max_broadcast_elems": args.budget}} if args.budget else {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_attention_"))
@@ -107,19 +116,19 @@ def main() -> None:
         modules["attention-only"] = attn_only.module
         converted = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), options=options)
         modules["converted"] = converted.module
-    print(f"converted in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    notes = {"attention-only": [n for p in attn_only.report.passes for n in p.notes],
+    print(f"{model_name}: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    notes = {"attention-only": [n for p in attn_only.report.passes for n in p.notes][-1:],
              "converted": [f"{p.id}: {p.rewrites} rewrites" for p in converted.report.passes]}
     illegal = {"converted": [f"{o['onnx_op']} ({o['severity']})" for o in converted.report.illegal_ops]}
 
-    sessions = {}
+    sessions, paths = {}, {}
     for name, module in modules.items():
         path = str(tmp / f"{name}.onnx")
-        _export(module, x, path)
-        sessions[name] = _session(path, args.threads)
+        _export(module, x, path, "trt-safe" if name == "converted" else "trt-10")
+        sessions[name], paths[name] = _session(path, args.threads), path
         out = sessions[name].run(None, {sessions[name].get_inputs()[0].name: x.numpy()})[0]
         err = float(np.abs(out - reference).max() / np.abs(reference).max())
-        variants[name] = {"onnx": path, "rel_error_vs_torch": err, "nodes": _node_count(path)}
+        variants[name] = {"rel_error_vs_torch": err, "nodes": _node_count(path)}
 
     feeds = {n: {s.get_inputs()[0].name: x.numpy()} for n, s in sessions.items()}
     for name, sess in sessions.items():
@@ -134,14 +143,19 @@ def main() -> None:
                 sess.run(None, feeds[name])
                 times.append(time.perf_counter() - t0)
             rounds[name].append(statistics.median(times) * 1e3)
+    load = os.getloadavg()
     for name in sessions:
         v = variants[name]
         v["latency_ms_median"] = statistics.median(rounds[name])
         v["latency_ms_rounds"] = [round(t, 2) for t in rounds[name]]
         probe = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--memory-probe",
-                                v["onnx"], json.dumps(list(x.shape))], capture_output=True, text=True, check=True)
+                                paths[name], json.dumps(list(x.shape))], capture_output=True, text=True, check=True)
         v.update(json.loads(probe.stdout.strip().splitlines()[-1]))
-        del v["onnx"]
+        if args.op_profile:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from _common import ort_op_profile
+
+            v["op_time_ms"] = ort_op_profile(paths[name], feeds[name], args.threads, 3, str(tmp))
     base = variants["original"]["latency_ms_median"]
     for v in variants.values():
         v["latency_vs_original"] = v["latency_ms_median"] / base
@@ -150,18 +164,19 @@ def main() -> None:
 
     result = {
         "command": " ".join([".venv/bin/python", "benchmarks/bench_attention.py", *sys.argv[1:]]),
-        "model": args.model, "input": [1, 3, args.img_size, args.img_size], "weights": "random (pretrained=False)",
+        "model": model_name, "input": [1, 3, args.img_size, args.img_size], "weights": "random (pretrained=False)",
         "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "threads": args.threads,
         "cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(), "repeats": args.repeats, "iters_per_round": args.iters,
-        "variants": variants, "notes": notes, "remaining_illegal_ops": illegal,
+        "load_average_during_timing": load, "repeats": args.repeats, "iters_per_round": args.iters,
+        "target_converted_vs_original": 2.0, "variants": variants, "notes": notes, "remaining_illegal_ops": illegal,
     }
     out_path = Path(args.out)
     existing = json.loads(out_path.read_text()) if out_path.exists() else {}
-    existing[args.model] = result
+    existing[model_name] = result
     out_path.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"{model_name} (load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, {args.threads} threads)")
     for name, v in variants.items():
-        print(f"{name:15s} {v['latency_ms_median']:8.2f} ms  x{v['latency_vs_original']:.2f}  "
+        print(f"  {name:15s} {v['latency_ms_median']:8.2f} ms  x{v['latency_vs_original']:.2f}  "
               f"+{v['session_growth_mib']:.0f} MiB  rel.err {v['rel_error_vs_torch']:.1e}  {v['nodes']} nodes")
 
 

@@ -24,7 +24,7 @@ Where the target does not allow Softmax (trt-safe), it is decomposed exactly, wi
 the sum over keys (dividing O costs g*dv*N instead of g*M*N):
 
     mx = MaxPool(kernel (M, 1))(S)                       (B, g, 1, N)   max over keys
-    z  = S - mx  <= 0                                     (computed as S + (-1)*mx and (-1)*S + mx: Mul/Add only)
+    z  = S - mx  <= 0                                     (computed as S + (-1)*mx, and -z as (-1)*z: Mul/Add only)
     E  = Sigmoid(z) / Sigmoid(-z)  = e^z                  exact identity; for z <= 0 the denominator is in [1/2, 1]
                                                           (no 0/0), and -inf biases give 0/1 = 0
     den = Conv1x1_groups=g(E', ones(g, M, 1, 1))          (B, g, 1, N)   sum over keys
@@ -39,13 +39,28 @@ chain (dot weight = ones). With a mix after the softmax, the decomposition norma
 since the division by each head's key sum does not commute with mixing heads. These cores are never chunked (a head
 chunk cannot be mixed with the others; query chunks would need the chains sliced), so the budget is not enforced.
 
-Memory: the broadcast products Q*K and A'*V hold B*g*max(d, dv)*M*N elements. When that exceeds the option
-`max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default DEFAULT_MAX_BROADCAST), the
-core is computed in static chunks: first over heads (channel slices, concatenated on the channel axis), then over
-queries (slices of N, concatenated on the last axis). The peak is reported in the pass notes. Chunks bound memory
-only: on ONNX Runtime CPU every chunking measured slower than one op (per-node overhead; single-group convs also get
-NCHWc reorders), e.g. Q*K + reduction for DeiT-S: 16.8 ms whole vs 26.8 / 36.9 / 97.3 ms in query chunks of
-64 / 16 / 4 (loaded 2-core machine, MatMul: 0.3 ms).
+Memory and speed (ONNX Runtime CPU, measured on a 2-core AMD EPYC, 2 MiB L2 per core, 32 MiB L3): the broadcast
+products Q*K and E'*V hold B*g*max(d, dv)*M*N elements (DeiT-S: 14.9M = 57 MiB per product per layer) and are the
+whole cost: ORT's broadcast Mul writes ~0.15 ns/element on one thread when its output stays in cache and ~0.2-0.5 ns
+when it does not, and the grouped conv reading it back costs 0.06 ns/element in cache and 2-3x that from DRAM (per-op
+profile, one DeiT-S core on one thread: Mul 5.9 ms + Conv 4.2 ms unchunked, 4.3 + 1.9 ms in one-head chunks; softmax
+pieces, Split, Concat and Add together < 1 ms). So every core is computed in static chunks whose product holds at
+most the option `max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default
+DEFAULT_MAX_BROADCAST: 1M elements = 4 MiB fp32, so a chunk and the conv reading it stay in L2/L3): first whole
+images of the batch axis (Swin windows), then heads (channel slices), then keys (for Q*K the key axis of K; for E'*V
+the key channels, one head at a time, whose partial sums are added). Queries are never cut: N is the innermost,
+contiguous axis of both products, the run ORT's broadcast Mul works along (query chunks shortened it and measured
+1.4x slower). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
+softmax (or its decomposition) runs once on the whole S; phase 2 splits E' and V and sums chunk by chunk. The peak
+(largest product) is reported in the pass notes. Measured on DeiT-S (attention_to_conv only, one thread, CPU time):
+1.92x the original at budget 4M (one head per chunk), 1.87x at 1M (one head x 66 keys), 1.88x at 512K, 2.8x at 256K
+(per-node overhead of 10 key chunks per head), 2.46x unchunked; Swin-T: 1.72x unchunked, 1.64x at 4M, 1.58x at 1M.
+
+A one-head chunk is a group-1 conv; ORT converts group-1 convs whose input channels are a multiple of its NCHWc
+block (d = 32, 64) to its blocked layout and first copies the whole product into it (ReorderInput: 6-7 ms for a
+DeiT-S head whose product takes 0.4 ms). Such sums are done as two half-groups (groups=2, two outputs per head), and
+the halves of all heads are merged by one grouped conv of ones on S (or an Add for a single head); grouped convs with
+one output per group are never reordered.
 
 Batch axis: L[0] (B for ViTs; B*windows for Swin, whose window partition already puts windows on the batch axis).
 
@@ -61,16 +76,20 @@ error: whole-model relative errors stay around 1e-6.
 
 Ops introduced (ATen -> ONNX):
   every target: aten.mul (Mul), aten.conv2d (Conv, constant weights), aten.reshape (Reshape), aten.permute
-  (Transpose), aten.add (Add, when there is a bias); chunking adds aten.slice (Slice) and aten.cat (Concat); a
+  (Transpose), aten.add (Add: bias, half sums of one head, partial sums over key chunks); chunking adds
+  aten.split_with_sizes (Split) and aten.cat (Concat) (the pooled layout: aten.slice, Slice); a
   float mask computed in the graph (not folded) adds aten.expand (Expand) when it needs broadcasting. All rank <= 4.
   Softmax allowed (dla): aten.softmax (Softmax, axis 2 of a 4-D tensor).
   Softmax not allowed (trt-safe): aten.max_pool2d (MaxPool), aten.sigmoid (Sigmoid), aten.div (Div).
-  On trt-safe-8.6, MaxPool, Div, Slice and Concat are "undocumented" warnings; MatMul, Einsum and Softmax are gone.
+  On trt-safe-8.6, MaxPool, Div, Split, Slice and Concat are "undocumented" warnings; MatMul, Einsum and Softmax
+  are gone. No formulation uses a convolution whose weights are computed in the graph (q or k as a kernel would make
+  a 1x1 conv a matrix product, far cheaper on a CPU), because no profile here documents such weights as legal.
 Targets whose profile accepts MatMul of two activations (trt) are left alone: the pass does nothing there.
 """
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -80,11 +99,9 @@ from attn2conv.attention_match import (AttentionMatch, constant_value, eliminate
 from attn2conv.graph import Builder, aten, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
-# Elements of one broadcast product (Q*K or A*V) computed in one op: 16M floats = 64 MiB, so a DeiT-S/ViT-S core
-# (6*64*197*197 = 14.9M) runs unchunked. On ONNX Runtime CPU, chunking was measured slower, not faster (one DeiT-S
-# attention: 8.0 ms unchunked, 14.2 ms in 6 chunks, 22.7 ms in 18, 62 ms in 60; per-node overhead and ORT's NCHWc
-# reorders of single-group convs outweigh the cache gain), so chunks only bound memory. See bench_attention.py.
-DEFAULT_MAX_BROADCAST = 16 * 1024 * 1024
+# Elements of one broadcast product (Q*K or E'*V) computed in one op: 1M floats = 4 MiB, so that a chunk and the conv
+# reading it stay in cache (module docstring: measured 1.87x at 1M vs 1.92x at 4M and 2.46x unchunked for DeiT-S).
+DEFAULT_MAX_BROADCAST = 1024 * 1024
 
 
 @register
@@ -93,6 +110,7 @@ class AttentionToConv(GraphPass):
     exact = True
     removes = ("aten.scaled_dot_product_attention", "aten.matmul", "aten.bmm", "aten.softmax", "aten._softmax")
     introduces = ("aten.mul", "aten.conv2d", "aten.reshape", "aten.permute", "aten.add", "aten.slice", "aten.cat",
+                  "aten.split_with_sizes",
                   "aten.softmax", "aten.max_pool2d", "aten.sigmoid", "aten.div")
     summary = "attention core -> broadcast Mul + constant grouped 1x1 Conv (softmax kept or decomposed)"
 
@@ -117,8 +135,9 @@ class AttentionToConv(GraphPass):
             peak = max(peak, outcome.peak)
             layouts.add(outcome.layout)
             if outcome.chunks > 1:
+                cut = f"{outcome.batch_chunk} images x " if outcome.batch_chunk else ""
                 result.notes.append(f"{where(match.anchor)}: {outcome.chunks} chunks "
-                                    f"({outcome.head_chunk} heads x {outcome.query_chunk} queries)")
+                                    f"({cut}{outcome.head_chunk} heads x {outcome.key_chunk} keys)")
         result.changed = result.rewrites > 0
         if result.changed:
             eliminate_dead_code(gm)
@@ -160,9 +179,9 @@ class _TargetLimits:
 
 
 class _Outcome:
-    def __init__(self, peak: int, chunks: int, head_chunk: int, query_chunk: int, layout: str):
-        self.peak, self.chunks, self.head_chunk, self.query_chunk = peak, chunks, head_chunk, query_chunk
-        self.layout = layout
+    def __init__(self, peak: int, chunks: int, head_chunk: int, key_chunk: int, layout: str, batch_chunk: int = 0):
+        self.peak, self.chunks, self.head_chunk, self.key_chunk = peak, chunks, head_chunk, key_chunk
+        self.layout, self.batch_chunk = layout, batch_chunk
 
 
 def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool,
@@ -188,33 +207,167 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
         return bias
 
     q, k, v = _channels_first_qkv(b, match, batch, groups)  # see the module docstring
-
-    head_chunk, query_chunk = _chunking(batch, groups, n, m, max(d, dv), budget)
+    plan = _Chunks.plan(batch, groups, m, n, max(d, dv), budget)
     weights = _Weights(b, match.scale, d, m)
-    head_outputs = []
-    for g0 in range(0, groups, head_chunk):
-        gc = min(head_chunk, groups - g0)
-        qh = _slice(b, q, 1, g0 * d, (g0 + gc) * d, groups * d)
-        kh = _slice(b, k, 1, g0 * d, (g0 + gc) * d, groups * d)
-        vh = _slice(b, v, 1, g0 * m, (g0 + gc) * m, groups * m)
-        bh = _slice(b, bias, 1, g0, g0 + gc, groups) if bias is not None and shape(bias)[1] > 1 else bias
-        query_outputs = []
-        for n0 in range(0, n, query_chunk):
-            nc = min(query_chunk, n - n0)
-            qc = _slice(b, qh, 3, n0, n0 + nc, n)
-            bc = _slice(b, bh, 3, n0, n0 + nc, n) if bh is not None and shape(bh)[3] > 1 else bh
-            query_outputs.append(_core(b, weights, qc, kh, vh, bc, batch, gc, m, dv, nc, keep_softmax))
-        head_outputs.append(_cat(b, query_outputs, 3))
-    o = _cat(b, head_outputs, 1)  # (B, g, dv, N)
-    o = b.call(aten.permute.default, o, [0, 1, 3, 2])
+    s = _scores(b, weights, plan, q, k, d)  # (B, g, M, N)
+    if bias is not None:
+        s = b.call(aten.add.Tensor, s, bias)
+    if keep_softmax:
+        e = b.call(aten.reshape.default, b.call(aten.softmax.int, s, 2), [batch, groups * m, 1, n])
+        o = _weighted_values(b, weights, plan, e, v)
+    else:
+        e = b.call(aten.reshape.default, _exp_shifted(b, s, m), [batch, groups * m, 1, n])
+        den = _channel_sum(b, e, groups, m, weights.keysum(groups, m))  # (B, g, 1, N)
+        o = b.call(aten.div.Tensor, _weighted_values(b, weights, plan, e, v), den)
+    o = b.call(aten.permute.default, o, [0, 1, 3, 2])  # (B, g, dv, N) -> (B, g, N, dv)
     o = b.call(aten.reshape.default, o, list(out_shape))
     replace_uses(match.output, o)
     for dead in dict.fromkeys((match.output, match.anchor)):  # sdpa counts as impure for dead-code elimination: erase it here
         if not dead.users:
             gm.graph.erase_node(dead)
-    peak = batch * head_chunk * max(d, dv) * m * query_chunk
-    chunks = math.ceil(groups / head_chunk) * math.ceil(n / query_chunk)
-    return _Outcome(peak, chunks, head_chunk, query_chunk, "grouped-conv")
+    return _Outcome(plan.peak(max(d, dv), n), plan.count, plan.heads, plan.keys, "grouped-conv",
+                    batch_chunk=plan.images)
+
+
+class _Chunks:
+    """How one core is cut so that each broadcast product holds at most `budget` elements: first whole images of the
+    batch axis, then heads (channel groups), then keys. Queries are never cut: they are the innermost axis of both
+    products, the contiguous run ONNX Runtime's broadcast Mul works along (cutting it shortens every run)."""
+
+    def __init__(self, batch: int, groups: int, m: int, images: int, heads: int, keys: int):
+        self.batch, self.groups, self.m = batch, groups, m
+        self.images, self.heads, self.keys = images, heads, keys
+
+    @classmethod
+    def plan(cls, batch: int, groups: int, m: int, n: int, depth: int, budget: int) -> "_Chunks":
+        per_head = depth * m * n  # one image, one head
+        if batch * groups * per_head <= budget:
+            return cls(batch, groups, m, batch, groups, m)
+        for bc in _divisors_desc(batch):
+            if bc * groups * per_head <= budget:
+                return cls(batch, groups, m, bc, groups, m)
+        for gc in _divisors_desc(groups):
+            if gc * per_head <= budget:
+                return cls(batch, groups, m, 1, gc, m)
+        return cls(batch, groups, m, 1, 1, max(1, min(m, budget // (depth * n))))
+
+    @property
+    def count(self) -> int:
+        return len(self.image_sizes()) * len(self.head_sizes()) * len(self.key_sizes())
+
+    def peak(self, depth: int, n: int) -> int:
+        return self.images * self.heads * depth * max(self.key_sizes()) * n
+
+    def image_sizes(self) -> list[int]:
+        return _even_sizes(self.batch, self.images)
+
+    def head_sizes(self) -> list[int]:
+        return _even_sizes(self.groups, self.heads)
+
+    def key_sizes(self) -> list[int]:
+        return _even_sizes(self.m, self.keys)
+
+
+def _divisors_desc(x: int) -> list[int]:
+    return [c for c in range(x - 1, 0, -1) if x % c == 0]
+
+
+def _even_sizes(total: int, at_most: int) -> list[int]:
+    """`total` cut into the fewest pieces of at most `at_most`, as equal as possible."""
+    count = -(-total // at_most)
+    return [total // count + (i < total % count) for i in range(count)]
+
+
+def _scores(b: Builder, w: "_Weights", plan: _Chunks, q, k, d: int) -> fx.Node:
+    """q.k^T * scale in (B, g, M, N): Q (B, g*d, 1, N) * K (B, g*d, M, 1) summed over each head's d channels, chunk
+    by chunk (the chunks are concatenated: S is d times smaller than the products)."""
+    image_rows, parts = [], 1
+    for qb, kb in zip(_pieces(b, q, 0, plan.image_sizes()), _pieces(b, k, 0, plan.image_sizes())):
+        heads = plan.head_sizes()
+        head_rows = []
+        for gc, qh, kh in zip(heads, _pieces(b, qb, 1, [g * d for g in heads]), _pieces(b, kb, 1, [g * d for g in heads])):
+            sums = [_partial_sums(b, b.call(aten.mul.Tensor, qh, kc), gc, d, w.dot(gc))
+                    for kc in _pieces(b, kh, 2, plan.key_sizes())]
+            parts = sums[0][1]
+            head_rows.append(_cat(b, [s for s, _ in sums], 2))
+        image_rows.append(_cat(b, head_rows, 1))
+    return _merge_partial_sums(b, w, _cat(b, image_rows, 0), plan.groups, parts)
+
+
+def _weighted_values(b: Builder, w: "_Weights", plan: _Chunks, e, v) -> fx.Node:
+    """sum over keys of E' (B, g*M, 1, N) * V (B, g*M, dv, 1) per head -> (B, g, dv, N), chunk by chunk. Key chunks
+    (one head at a time) give partial sums, added up."""
+    m = plan.m
+    keys = plan.key_sizes()
+    heads = plan.head_sizes()
+    channel_sizes = [x for gc in heads for x in ([gc * m] if len(keys) == 1 else keys)]
+    image_rows, parts = [], 1
+    for eb, vb in zip(_pieces(b, e, 0, plan.image_sizes()), _pieces(b, v, 0, plan.image_sizes())):
+        ec, vc = _pieces(b, eb, 1, channel_sizes), _pieces(b, vb, 1, channel_sizes)
+        head_rows, at = [], 0
+        for gc in heads:
+            if len(keys) == 1:
+                total, parts = _partial_sums(b, b.call(aten.mul.Tensor, ec[at], vc[at]), gc, m, w.keysum(gc, m))
+                at += 1
+            else:  # one head, its keys in chunks: partial sums over the chunks, added up
+                total = None
+                for mc in keys:
+                    part = _channel_sum(b, b.call(aten.mul.Tensor, ec[at], vc[at]), 1, mc, w.keysum(1, mc))
+                    total = part if total is None else b.call(aten.add.Tensor, total, part)
+                    at += 1
+            head_rows.append(total)
+        image_rows.append(_cat(b, head_rows, 1))
+    return _merge_partial_sums(b, w, _cat(b, image_rows, 0), plan.groups, parts)
+
+
+# ONNX Runtime (CPU) runs a group-1 Conv whose input channels are a multiple of its NCHWc block (8 or 16 floats) in
+# the blocked layout and first copies the whole input into it (ReorderInput): for a one-head product that copy costs
+# more than the sum (measured: 6-7 ms for a DeiT-S head, whose product takes 0.4 ms to compute). Grouped convs with
+# one output per group are never converted, so one such group is summed as two half-groups (two outputs) instead.
+_NCHWC_BLOCK = 8
+
+
+def _reordered_by_ort(groups: int, per_group: int) -> bool:
+    return groups == 1 and per_group >= 2 * _NCHWC_BLOCK and per_group % _NCHWC_BLOCK == 0
+
+
+def _partial_sums(b: Builder, x, groups: int, per_group: int, weight: fx.Node) -> tuple[fx.Node, int]:
+    """(y, parts): the grouped 1x1 conv summing each group's `per_group` channels (times the weight's constant), with
+    `parts` = 2 outputs per group (half sums) where one full group would be reordered by ONNX Runtime, else 1."""
+    conv = aten.conv2d.default
+    if not _reordered_by_ort(groups, per_group):
+        return b.call(conv, x, weight, None, [1, 1], [0, 0], [1, 1], groups), 1
+    tensor = weight.meta["val"]
+    halves = b.constant(tensor.reshape(2, per_group // 2, 1, 1).clone(), "attn_half_sum_weight")
+    return b.call(conv, x, halves, None, [1, 1], [0, 0], [1, 1], 2), 2
+
+
+def _merge_partial_sums(b: Builder, w: "_Weights", y, groups: int, parts: int) -> fx.Node:
+    """(B, groups*parts, H, W) half sums -> (B, groups, H, W): one grouped conv of ones over all heads (or, for a
+    single group, the two halves added)."""
+    if parts == 1:
+        return y
+    if groups == 1:
+        first, second = _pieces(b, y, 1, [1, 1])
+        return b.call(aten.add.Tensor, first, second)
+    return b.call(aten.conv2d.default, y, w.ones(groups, parts), None, [1, 1], [0, 0], [1, 1], groups)
+
+
+def _channel_sum(b: Builder, x, groups: int, per_group: int, weight: fx.Node) -> fx.Node:
+    """Grouped 1x1 conv summing each group's `per_group` channels (times the weight's constant): (B, groups, H, W)."""
+    y, parts = _partial_sums(b, x, groups, per_group, weight)
+    if parts == 1:
+        return y
+    first, second = _pieces(b, y, 1, [1, 1])
+    return b.call(aten.add.Tensor, first, second)
+
+
+def _pieces(b: Builder, x, dim: int, sizes: list[int]) -> list:
+    """x cut along `dim` into `sizes` (one Split; x itself when there is one piece)."""
+    if len(sizes) == 1:
+        return [x]
+    parts = b.call(aten.split_with_sizes.default, x, list(sizes), dim)
+    return [b.call(operator.getitem, parts, i) for i in range(len(sizes))]
 
 
 def _rewrite_pooled(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool) -> _Outcome | str:
@@ -291,11 +444,10 @@ def _rewrite_replayed(gm: fx.GraphModule, match: AttentionMatch, keep_softmax: b
         return f"attention output shape {out_shape} does not hold {batch}x{groups}x{n}x{dv} values"
     if not match.post and mixed != groups:
         return f"{mixed} heads reach the matmul with v, which has {groups}"
-    conv = aten.conv2d.default
     b = Builder(gm, match.output)
     q, k, v = _channels_first_qkv(b, match, batch, groups)
     weights = _Weights(b, 1.0, d, m)  # scalar scales are part of the re-run chain
-    s = b.call(conv, b.call(aten.mul.Tensor, q, k), weights.dot(groups), None, [1, 1], [0, 0], [1, 1], groups)
+    s = _channel_sum(b, b.call(aten.mul.Tensor, q, k), groups, d, weights.dot(groups))
     s = _natural(b, s, shape(match.scores))
     s = _replay(gm, b, match.scores, match.chain, s)
     s = _keys_first(b, s, batch, mixed, n, m)  # (B, h', M, N)
@@ -303,12 +455,11 @@ def _rewrite_replayed(gm: fx.GraphModule, match: AttentionMatch, keep_softmax: b
         a = b.call(aten.softmax.int, s, 2)
     else:
         e = _exp_shifted(b, s, m)
-        den = b.call(conv, b.call(aten.reshape.default, e, [batch, mixed * m, 1, n]), weights.keysum(mixed), None,
-                     [1, 1], [0, 0], [1, 1], mixed)
-        if not match.post:  # normalise after the sum over keys (cheaper), as in _core
+        den = _channel_sum(b, b.call(aten.reshape.default, e, [batch, mixed * m, 1, n]), mixed, m,
+                           weights.keysum(mixed, m))
+        if not match.post:  # normalise after the sum over keys (cheaper), as in _rewrite_grouped
             e = b.call(aten.reshape.default, e, [batch, groups * m, 1, n])
-            o = b.call(conv, b.call(aten.mul.Tensor, e, v), weights.keysum(groups), None, [1, 1], [0, 0], [1, 1],
-                       groups)
+            o = _channel_sum(b, b.call(aten.mul.Tensor, e, v), groups, m, weights.keysum(groups, m))
             return _finish(gm, b, match, b.call(aten.div.Tensor, o, den), out_shape, batch * groups * d * m * n)
         a = b.call(aten.div.Tensor, e, den)
     if match.post:
@@ -316,7 +467,7 @@ def _rewrite_replayed(gm: fx.GraphModule, match: AttentionMatch, keep_softmax: b
         a = _replay(gm, b, match.anchor, match.post, a)
         a = _keys_first(b, a, batch, groups, n, m)
     a = b.call(aten.reshape.default, a, [batch, groups * m, 1, n])
-    o = b.call(conv, b.call(aten.mul.Tensor, a, v), weights.keysum(groups), None, [1, 1], [0, 0], [1, 1], groups)
+    o = _channel_sum(b, b.call(aten.mul.Tensor, a, v), groups, m, weights.keysum(groups, m))
     return _finish(gm, b, match, o, out_shape, batch * groups * max(d, dv) * m * n)
 
 
@@ -346,8 +497,8 @@ def _keys_first(b: Builder, x, batch: int, groups: int, n: int, m: int) -> fx.No
 def _exp_shifted(b: Builder, s, m: int) -> fx.Node:
     """e^(s - max over keys) from Mul/Add/MaxPool/Sigmoid/Div only (see the module docstring)."""
     mx = b.call(aten.max_pool2d.default, s, [m, 1], [m, 1])
-    z = b.call(aten.add.Tensor, s, b.call(aten.mul.Tensor, mx, -1.0))
-    neg_z = b.call(aten.add.Tensor, b.call(aten.mul.Tensor, s, -1.0), mx)
+    z = b.call(aten.add.Tensor, s, b.call(aten.mul.Tensor, mx, -1.0))  # (Sub is outside the safety scope)
+    neg_z = b.call(aten.mul.Tensor, z, -1.0)
     return b.call(aten.div.Tensor, b.call(aten.sigmoid.default, z), b.call(aten.sigmoid.default, neg_z))
 
 
@@ -373,52 +524,27 @@ def _finish(gm: fx.GraphModule, b: Builder, match: AttentionMatch, o, out_shape,
     return _Outcome(peak, 1, match.groups, match.n, "grouped-conv (talking heads)")
 
 
-def _chunking(batch: int, groups: int, n: int, m: int, depth: int, budget: int) -> tuple[int, int]:
-    """(heads per chunk, queries per chunk): all heads and queries if they fit the budget, else fewer heads (a divisor
-    of g, so the chunks are equal), else one head and as many queries as fit."""
-    per_head = batch * depth * m * n
-    if per_head * groups <= budget:
-        return groups, n
-    for gc in range(groups - 1, 0, -1):
-        if groups % gc == 0 and per_head * gc <= budget:
-            return gc, n
-    per_query = batch * depth * m
-    return 1, max(1, min(n, budget // per_query))
-
-
 class _Weights:
     """Constant conv weights, registered once per attention and shared by its chunks."""
 
     def __init__(self, b: Builder, scale: float, d: int, m: int):
         self.b, self.scale, self.d, self.m = b, scale, d, m
-        self.cache: dict[tuple[str, int], fx.Node] = {}
+        self.cache: dict[tuple[str, int, int], fx.Node] = {}
 
     def dot(self, gc: int) -> fx.Node:  # sums each head's d channels of Q*K, times the attention scale
-        key = ("dot", gc)
+        key = ("dot", gc, self.d)
         if key not in self.cache:
             self.cache[key] = self.b.constant(torch.full((gc, self.d, 1, 1), self.scale), "attn_dot_weight")
         return self.cache[key]
 
-    def keysum(self, gc: int) -> fx.Node:  # sums each head's M key channels
-        key = ("keys", gc)
+    def keysum(self, gc: int, mc: int) -> fx.Node:  # sums each head's mc key channels
+        return self.ones(gc, mc)
+
+    def ones(self, groups: int, per_group: int) -> fx.Node:
+        key = ("ones", groups, per_group)
         if key not in self.cache:
-            self.cache[key] = self.b.constant(torch.ones(gc, self.m, 1, 1), "attn_keysum_weight")
+            self.cache[key] = self.b.constant(torch.ones(groups, per_group, 1, 1), "attn_keysum_weight")
         return self.cache[key]
-
-
-def _core(b: Builder, w: _Weights, q, k, v, bias, batch, gc, m, dv, nc, keep_softmax):
-    """One chunk: q (B, gc*d, 1, nc), k (B, gc*d, M, 1), v (B, gc*M, dv, 1), bias (1|B, gc, M, nc) -> (B, gc, dv, nc)."""
-    conv = aten.conv2d.default
-    s = b.call(conv, b.call(aten.mul.Tensor, q, k), w.dot(gc), None, [1, 1], [0, 0], [1, 1], gc)  # (B, gc, M, nc)
-    if bias is not None:
-        s = b.call(aten.add.Tensor, s, bias)
-    if keep_softmax:
-        a = b.call(aten.reshape.default, b.call(aten.softmax.int, s, 2), [batch, gc * m, 1, nc])
-        return b.call(conv, b.call(aten.mul.Tensor, a, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
-    e = b.call(aten.reshape.default, _exp_shifted(b, s, m), [batch, gc * m, 1, nc])
-    den = b.call(conv, e, w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)  # (B, gc, 1, nc)
-    o = b.call(conv, b.call(aten.mul.Tensor, e, v), w.keysum(gc), None, [1, 1], [0, 0], [1, 1], gc)
-    return b.call(aten.div.Tensor, o, den)
 
 
 def _slice(b: Builder, x, dim: int, start: int, end: int, size: int):

@@ -17,7 +17,9 @@ i.e. the excess sits just after the channel axis. Each op that produced a flagge
     conversion time, an operand broadcast over the batch gets a size-1 W axis;
   * conv2d / max_pool2d / avg_pool2d on (B*W, C, H, X) whose H windows do not straddle images (kernel = stride along
     H, no padding, H divisible): on t~ reshaped (free) to (B, C, W*H, X), then viewed back as (B, C', W, H', X');
-  * linear, and softmax / log-softmax over a non-batch axis: the same op with the axis renumbered.
+  * linear, and softmax / log-softmax over a non-batch axis: the same op with the axis renumbered;
+  * cat along a non-batch axis: the same op on the folded operands, the axis renumbered; cat along the batch axis
+    (pieces of the windows, e.g. attention_to_conv's chunks) when the model batch is 1: along the folded W axis.
 Layout ops (reshape, permute, transpose, slice, select, unbind, clone, ...) are not rebuilt one by one: the chain
 between a rebuilt op's operand and the tensor it comes from is composed into one index map and re-expressed from
 the folded source as reshape -> slice(s) -> permute -> reshape, with every intermediate's axis 0 at most the source's
@@ -225,6 +227,12 @@ class _Folder:
             if len(shape(node)) < 3:
                 raise Unsupported(f"{where(node)}: {t} on rank < 3")
             return
+        if t is aten.cat.default:
+            dim = _arg(node, 1, 0) % len(shape(node))
+            if dim == 0 and self.batch != 1:
+                raise Unsupported(f"{where(node)}: concatenation along the batch axis of a model batch "
+                                  f"{self.batch} > 1")
+            return
         if t in WINDOWED:
             x = node.args[0]
             xs = shape(x)
@@ -330,6 +338,10 @@ class _Folder:
             new = b.call(t, *args, **kwargs)
         elif t is aten.linear.default:
             new = b.call(t, self._operand(b, node.args[0], True), *node.args[1:], **node.kwargs)
+        elif t is aten.cat.default:  # along a non-batch axis, or pieces of the batch axis (model batch 1)
+            dim = _arg(node, 1, 0) % len(s)
+            new = b.call(t, [self._operand(b, a, True) for a in node.args[0]], 2 if dim == 0 else 1 if dim == 1
+                         else dim + 1)
         elif t in AXIS_OPS:
             dim = node.args[1] % len(s)
             dim = 1 if dim == 1 else dim + 1

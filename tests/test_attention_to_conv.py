@@ -149,6 +149,31 @@ def test_chunking_stays_exact_and_reports_peak():
     assert peak <= full // 6
 
 
+@pytest.mark.parametrize("target", ["trt-safe", "dla"])
+def test_chunks_over_images_heads_and_keys_stay_exact(target):
+    """Budgets that cut the batch axis (2 images), then heads, then keys (partial sums over key chunks added up)."""
+    model, x = Sdpa(dim=32, heads=4).eval(), torch.randn(2, 17, 32)
+    per_head = 8 * 17 * 17  # one image, one head
+    for budget, cut in ((4 * per_head, "1 images x 4 heads x 17 keys"), (2 * per_head, "1 images x 2 heads x 17 keys"),
+                        (per_head // 3, "1 images x 1 heads x 5 keys")):
+        gm, result = assert_exact(model, x, target=target, max_broadcast_elems=budget)
+        assert any(cut in note for note in result.notes), result.notes
+        peak = int(result.notes[-1].split("peak broadcast tensor ")[1].split()[0])
+        assert peak <= budget
+        assert op_counts(gm)["aten.split_with_sizes"] >= 2
+
+
+def test_one_head_chunk_sums_halves_to_keep_ort_off_nchwc():
+    """A one-head chunk whose d (here 16) is a multiple of ONNX Runtime's NCHWc block is summed by a two-group conv
+    (half sums), merged for all heads by one grouped conv of ones; still exact."""
+    model, x = Sdpa(dim=64, heads=4).eval(), torch.randn(1, 9, 64)
+    gm, result = assert_exact(model, x, max_broadcast_elems=16 * 9 * 9)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    groups = sorted(n.args[6] for n in convs)
+    assert groups.count(2) == 4 and 4 in groups  # four half-sum convs (one per head), the merge has groups=4
+    assert all(not (n.args[6] == 1 and n.args[0].meta["val"].shape[1] % 8 == 0) for n in convs)
+
+
 def test_trt_target_left_alone():
     _, gm, result = run_pass(Sdpa().eval(), torch.randn(1, 9, 16), target="trt")
     assert not result.changed and "accepts MatMul" in result.notes[0]

@@ -118,8 +118,8 @@ def _onnx_batches(path):
     return dims
 
 
-def _certify(model, x, path):
-    result = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), export=path)
+def _certify(model, x, path, options=None):
+    result = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), export=path, options=options)
     assert result.certified is True, [f for f in result.check.findings if f.severity == "error"][:5]
     assert not [f for f in result.check.findings if f.rule.startswith("A2C-SAFE-TENSOR")]
     record = next(p for p in result.report.passes if p.id == "batch_to_space")
@@ -139,6 +139,18 @@ def test_timm_swin_25_windows_certified(tmp_path):
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2,), num_heads=(2,),
                               embed_dim=16, img_size=140, num_classes=10).eval()
     _certify(model, torch.randn(1, 3, 140, 140), tmp_path / "swin.onnx")
+
+
+def test_timm_swin_attention_chunked_over_windows_certified(tmp_path):
+    """attention_to_conv cut into 5 chunks of 5 windows (a budget of 5 windows x 2 heads): the chunks' batch axis is
+    under the limit, their concatenation along the batch axis is rebuilt on the folded window axis."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2,), num_heads=(2,),
+                              embed_dim=16, img_size=140, num_classes=10).eval()
+    budget = 5 * 2 * 8 * 49 * 49
+    result = _certify(model, torch.randn(1, 3, 140, 140), tmp_path / "swin.onnx",
+                      options={"attention_to_conv": {"max_broadcast_elems": budget}})
+    notes = next(p for p in result.report.passes if p.id == "attention_to_conv").notes
+    assert any("5 chunks (5 images x 2 heads x 49 keys)" in n for n in notes), notes
 
 
 def test_hf_swin_25_windows_certified(tmp_path):
