@@ -301,28 +301,15 @@ def _translate_functional_graph(module, inputs: tuple, opset: int):
     return _core._exported_program_to_onnx_program(program, registry=registry)
 
 
-# onnxscript rewrite rules worth their cost on exported vision graphs (onnxscript.rewriter.rules.common)
-_REWRITE_RULES = (
-    "add_0_rule", "sub_0_rule", "mul_by_1_rule", "div_by_1_rule", "dropout_inference_rule", "dropout_zero_rule",
-    "no_op_cast_rule", "no_op_expand_rule", "no_op_transpose_rule", "cast_cast_rule", "reshape_reshape_rule",
-    "transpose_transpose_rule", "unsqueeze_unsqueeze_rule", "squeeze_reshape_1d_rule", "flatten_to_reshape_rule",
-    "collapse_slice_rule", "collapse_slice2_rule", "slice_split_rule", "materialize_reshape_shape_rule",
-    "normalize_pad_format_conv_rule", "fuse_pad_into_conv_rule", "fuse_batchnorm_into_conv_rule",
-    "remove_optional_bias_from_conv_rule",
-)
-
-
 def _optimize(program) -> None:
-    """Constant folding + the rules above, then the exporter's own tidy-up passes; the full optimiser if the
-    onnxscript API moved."""
+    """Constant folding, then the exporter's own tidy-up passes; the full optimiser if the onnxscript API moved.
+
+    No onnxscript rewrite rules: the FX passes already cancel layout chains and fold BatchNorm, and on the converted
+    DeiT-S (2,085 nodes) the 23 common rules changed no node while their matcher took 60 % of the export (36 s)."""
     try:
         import onnx_ir as ir
         import onnx_ir.passes.common as common
         import onnxscript.optimizer as optimizer
-        from onnxscript import rewriter
-        from onnxscript.rewriter.rules import common as rules
-
-        rule_set = [getattr(rules, name) for name in _REWRITE_RULES if hasattr(rules, name)]
         model = program.model
     except (ImportError, AttributeError):
         program.optimize()
@@ -330,8 +317,6 @@ def _optimize(program) -> None:
     common.InlinePass()(model)
     # one round: a second found nothing more on DeiT-S/Swin-T and cost half as much again; graph surgeon folds after
     optimizer.fold_constants(model)
-    rewriter.RewritePass(rule_set)(model)
-    common.RemoveUnusedNodesPass()(model)
     ir.passes.Sequential(
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
