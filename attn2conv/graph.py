@@ -254,6 +254,12 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def pair(v: Any) -> list[int]:
+    """A 2-D conv/pool size argument (int, or a 1- or 2-element sequence) as [h, w]."""
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * 2 if len(v) == 1 else v
+
+
 def all_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return {i for n in nodes for i in n.all_input_nodes}
 

@@ -140,3 +140,12 @@ def onnx_cost(profile, onnx_ops) -> int:
         rule = profile.op_rule(op)
         total += _SEVERITY_COST.get(rule.severity, 1) if rule is not None else 0
     return total
+
+
+def attr_max(profile, op: str, attr: str) -> int | None:
+    """The profile's upper bound on attribute `attr` of ONNX `op` (an `attr_range` rule), or None when it sets none."""
+    for rule in getattr(profile, "rules", ()) if profile is not None else ():
+        params = rule.params
+        if rule.check == "attr_range" and op in params.get("ops", ()) and params.get("attr") == attr and "max" in params:
+            return int(params["max"])
+    return None

@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.attention_match import constant_value, eliminate_dead_code, is_assert
-from attn2conv.graph import Builder, aten, compute_nodes, replace_uses, shape, where
+from attn2conv.graph import Builder, aten, compute_nodes, pair, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 # Ops that only move or select elements (applied to index tensors to compose index maps).
@@ -248,10 +248,10 @@ class _Folder:
                 stride = list(_arg(node, 2, []) or node.args[1])
                 pad = list(_arg(node, 3, [0, 0]))
                 dil = list(_arg(node, 4, [1, 1])) if t is aten.max_pool2d.default else [1]
-            sh = _pair(stride)[0]
-            if not (_pair(pad)[0] == 0 and _pair(dil)[0] == 1 and (kh == sh) and xs[2] % sh == 0):
+            sh = pair(stride)[0]
+            if not (pair(pad)[0] == 0 and pair(dil)[0] == 1 and (kh == sh) and xs[2] % sh == 0):
                 raise Unsupported(f"{where(node)}: {t} windows along H (kernel {kh}, stride {sh}, padding "
-                                  f"{_pair(pad)[0]}) would straddle images once they are stacked")
+                                  f"{pair(pad)[0]}) would straddle images once they are stacked")
             return
         raise Unsupported(f"{where(node)}: {node.name} ({t}) on batch {shape(node)[0]} cannot be rebuilt with the "
                           f"batch on a spatial axis")
@@ -359,11 +359,6 @@ class _Folder:
 
 def _arg(node: fx.Node, index: int, default):
     return node.args[index] if len(node.args) > index else default
-
-
-def _pair(v) -> list[int]:
-    v = list(v) if isinstance(v, (list, tuple)) else [v]
-    return v * 2 if len(v) == 1 else v
 
 
 def _shrink(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attn2conv.graph import Builder, arg, aten, is_op, replace_uses
+from attn2conv.graph import Builder, arg, aten, is_op, pair, replace_uses
+from attn2conv.legality import attr_max
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 
@@ -27,27 +28,16 @@ class ConvStrideSplit(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
-        conv_max, pool_max = _stride_limit(ctx.profile, "Conv"), _stride_limit(ctx.profile, "MaxPool")
+        conv_max, pool_max = attr_max(ctx.profile, "Conv", "strides"), attr_max(ctx.profile, "MaxPool", "strides")
         if conv_max is None:
             result.notes.append("the target has no Conv stride limit; nothing to do")
             return result
         for node in list(gm.graph.nodes):
             if is_op(node, "aten.conv2d"):
-                stride = arg(node, 3, "stride", [1, 1])
-                stride = [stride] * 2 if isinstance(stride, int) else list(stride)
-                if len(stride) == 1:
-                    stride = stride * 2
+                stride = pair(arg(node, 3, "stride", [1, 1]))
                 if max(stride) > conv_max:
                     result.tally(node, _split(gm, node, stride, conv_max, pool_max))
         return result
-
-
-def _stride_limit(profile, op: str) -> int | None:
-    for r in getattr(profile, "rules", ()) if profile is not None else ():
-        p = r.params
-        if r.check == "attr_range" and op in p.get("ops", ()) and p.get("attr") == "strides" and "max" in p:
-            return int(p["max"])
-    return None
 
 
 def _split(gm: fx.GraphModule, node: fx.Node, stride: list[int], conv_max: int, pool_max: int | None) -> str | None:

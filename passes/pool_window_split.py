@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attn2conv.graph import Builder, arg, aten, is_op, replace_uses, shape
+from attn2conv.graph import Builder, arg, aten, is_op, pair, replace_uses, shape
+from attn2conv.legality import attr_max
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 
@@ -29,29 +30,16 @@ class PoolWindowSplit(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
-        pool_max, conv_max = _kernel_limit(ctx.profile, "AveragePool"), _kernel_limit(ctx.profile, "Conv")
+        pool_max, conv_max = attr_max(ctx.profile, "AveragePool", "kernel_shape"), attr_max(ctx.profile, "Conv", "kernel_shape")
         if pool_max is None:
             result.notes.append("the target has no pooling window limit; nothing to do")
             return result
         for node in list(gm.graph.nodes):
             if is_op(node, "aten.avg_pool2d", "aten.max_pool2d"):
-                kernel = _pair(arg(node, 1, "kernel_size"))
+                kernel = pair(arg(node, 1, "kernel_size"))
                 if max(kernel) > pool_max:
                     result.tally(node, _split(gm, node, kernel, pool_max, conv_max))
         return result
-
-
-def _kernel_limit(profile, op: str) -> int | None:
-    for r in getattr(profile, "rules", ()) if profile is not None else ():
-        p = r.params
-        if r.check == "attr_range" and op in p.get("ops", ()) and p.get("attr") == "kernel_shape" and "max" in p:
-            return int(p["max"])
-    return None
-
-
-def _pair(v) -> list[int]:
-    v = [v] if isinstance(v, int) else list(v)
-    return v * 2 if len(v) == 1 else v
 
 
 def _factors(k: int, limit: int) -> list[int] | None:
@@ -67,12 +55,12 @@ def _factors(k: int, limit: int) -> list[int] | None:
 
 
 def _split(gm: fx.GraphModule, node: fx.Node, kernel: list[int], pool_max: int, conv_max: int | None) -> str | None:
-    stride = _pair(arg(node, 2, "stride", None) or kernel)
-    padding = _pair(arg(node, 3, "padding", 0))
+    stride = pair(arg(node, 2, "stride", None) or kernel)
+    padding = pair(arg(node, 3, "padding", 0))
     is_max = is_op(node, "aten.max_pool2d")
     if stride != kernel or any(padding):
         return f"window {kernel} with stride {stride}, padding {padding}: only non-overlapping windows are split"
-    if is_max and (any(d != 1 for d in _pair(arg(node, 4, "dilation", 1))) or arg(node, 5, "ceil_mode", False)):
+    if is_max and (any(d != 1 for d in pair(arg(node, 4, "dilation", 1))) or arg(node, 5, "ceil_mode", False)):
         return "dilated or ceil_mode max pool"
     if not is_max and (arg(node, 4, "ceil_mode", False) or arg(node, 6, "divisor_override", None) is not None):
         return "ceil_mode avg pool or one with a divisor_override"
