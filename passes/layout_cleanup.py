@@ -1,8 +1,9 @@
-"""layout_cleanup (exact, bit-identical): cancel, compose and sink the permutes/reshapes the other passes wrap ops in.
+"""layout_cleanup (exact: moves elements only): cancel, compose and sink the permutes/reshapes the other passes wrap ops in.
 
 linear_to_conv, layernorm_decompose and friends wrap each op in "to channels-first" / "back" layout chains, so a
 Linear -> GELU -> Linear becomes conv -> P -> gelu -> P^-1 -> conv with P = reshape(B, C, N) + permute(0, 2, 1).
-This pass removes those pairs. Layout ops move elements and never change values, so every rewrite is bit-exact.
+This pass removes those pairs. Layout ops move elements and never change values; the only numeric change is a
+consumer that now reads another view (a conv over (C, H, W) instead of (C, 1, N) may sum in another fp32 order).
 
 1. Chains. A chain is a run of layout ops (reshape/view, permute, transpose, (un)squeeze, flatten, clone) from a
    source x to a node y. Applying the chain to an index tensor arange(numel(x)).reshape(x.shape) gives its index map
@@ -18,7 +19,14 @@ This pass removes those pairs. Layout ops move elements and never change values,
    outputs that need a new L before a non-layout consumer; outputs read by layout ops count zero, since step 1 then
    cancels them. So conv -> P -> gelu -> P^-1 -> conv becomes conv -> gelu -> conv, and a ViT residual stream stays
    channels-first from the first LayerNorm to the last.
-Introduces only aten.permute / aten.reshape (fewer than it removes). Run it last, and again after any pass that wraps.
+3. Gathers. Slices of one tensor concatenated along the same axis (window_ops' rolls) commute with a permute:
+   cat([slice(P(t), d)...], d) = P(cat([slice(t, p[d])...], p[d])) for y = P(t) = permute(t, p). When the slices read
+   a layout chain whose permute can move past them, the gather runs in the chain's source layout and the permute
+   after it, where step 1 fuses it with the chain that follows (Swin: the shifted window partition of a
+   channels-first LayerNorm output keeps one Transpose instead of two) or step 2 cancels it (the residual Add).
+Chains are written as at most reshape + permute + reshape (a permutation of the mixed-radix digits of the flat
+index, found from the index map's runs). Introduces only aten.permute / aten.reshape (fewer than it removes) and
+moves aten.slice / aten.cat. Run it last, and again after any pass that wraps.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import math
 import torch
 import torch.fx as fx
 
-from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape
+from attn2conv.graph import Builder, arg, aten, get_constant, replace_uses, shape
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 LAYOUT = {
@@ -46,11 +54,14 @@ UNARY = {
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
           aten.minimum.default}
 MAX_SWEEPS = 12
+# index maps up to this many elements are searched for a reshape + permute + reshape form (int64: 32 MiB)
+MAX_DIGIT_SEARCH = 4 * 1024 * 1024
 
 
 def is_layout(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT and \
-        (node.target is not aten.clone.default or not node.kwargs.get("memory_format"))
+        (node.target is not aten.clone.default or
+         node.kwargs.get("memory_format") in (None, torch.contiguous_format, torch.preserve_format))
 
 
 def _meta(shape_, dtype) -> torch.Tensor:
@@ -71,7 +82,7 @@ class LayoutCleanup(GraphPass):
         before = sum(is_layout(n) for n in gm.graph.nodes)
         chains = regions = 0
         for _ in range(MAX_SWEEPS):
-            c = self._simplify_chains(gm)
+            c = self._simplify_chains(gm) + self._sink_gathers(gm)
             r = self._sink_regions(gm)
             gm.graph.eliminate_dead_code()
             chains, regions = chains + c, regions + r
@@ -184,9 +195,13 @@ class LayoutCleanup(GraphPass):
                     ops.append(("wrapped", a, s))
                     continue
             z = _existing_inverse(a, xs, fwd)
-            if z is None:
+            if z is not None:
+                ops.append(("inverse", z))
+                continue
+            rechain = _rechain(a, xs, fwd) if is_layout(a) else None
+            if rechain is None:
                 return None
-            ops.append(("inverse", z))
+            ops.append(("rechain", *rechain))
         if any(isinstance(v, fx.Node) for v in e.kwargs.values()):
             return None
         return ops
@@ -208,6 +223,8 @@ class LayoutCleanup(GraphPass):
                     args.append(b.constant(o[1], "layout_const"))
                 elif kind == "wrapped":
                     args.append(o[2])
+                elif kind == "rechain":  # another chain from a's source straight to the source layout
+                    args.append(_build(gm, e, o[1], o[2], e.meta["val"].dtype))
                 else:  # an existing L^-1 chain: make sure it is computed before e
                     _hoist_before(o[1], e, order)
                     args.append(o[1])
@@ -224,6 +241,140 @@ class LayoutCleanup(GraphPass):
         for e in sorted(region, key=order.get, reverse=True):
             if not e.users:
                 gm.graph.erase_node(e)
+
+
+    # --- 3. gathers (slice + cat along one axis) ---------------------------------------------------------------------
+    def _sink_gathers(self, gm: fx.GraphModule) -> int:
+        done = 0
+        for c in list(gm.graph.nodes):
+            if c.graph is not gm.graph or c.op != "call_function" or c.target is not aten.cat.default or not c.users:
+                continue
+            group = _gather_group(c)
+            if group is None:
+                continue
+            y, d, bounds = group
+            chain, src = _chain_to(y)
+            xs, ys = shape(src), shape(y)
+            if xs is None or ys is None:
+                continue
+            preferred = _sibling_permutes(c, ys)
+            key = ("gather", _signature(chain, xs), tuple(preferred))
+            if key not in self._forms:
+                self._forms[key] = _factor_permute(chain, xs, ys, preferred)
+            found = self._forms[key]
+            if found is None:
+                continue
+            perm, form = found
+            dtype = c.meta["val"].dtype
+            t = _build(gm, c, src, form, dtype)
+            b = Builder(gm, c)
+            t_shape = list(shape(t))
+            td = perm[d]
+            parts = []
+            for start, end in bounds:
+                part = b.call(aten.slice.Tensor, t, td, start, end)
+                part.meta["val"] = _meta(t_shape[:td] + [end - start] + t_shape[td + 1:], dtype)
+                parts.append(part)
+            cat = b.call(aten.cat.default, parts, td)
+            cat.meta["val"] = _meta(t_shape, dtype)
+            out = _build(gm, c, cat, [("permute", list(perm))], dtype)
+            replace_uses(c, out)
+            done += 1
+        return done
+
+
+def _gather_group(c: fx.Node) -> tuple[fx.Node, int, list[tuple[int, int]]] | None:
+    """(y, axis, [(start, end)...]) when cat(c) concatenates step-1 slices of one layout node y along their axis."""
+    parts, ys = c.args[0], shape(c)
+    if ys is None or not parts or not all(isinstance(p, fx.Node) and p.target is aten.slice.Tensor for p in parts):
+        return None
+    d = arg(c, 1, "dim", 0) % len(ys)
+    y = parts[0].args[0]
+    if not is_layout(y) or shape(y) is None or len(shape(y)) != len(ys):
+        return None
+    bounds = []
+    for p in parts:
+        size = shape(y)[d]
+        if p.args[0] is not y or arg(p, 1, "dim", 0) % len(ys) != d or arg(p, 4, "step", 1) != 1:
+            return None
+        start, end = arg(p, 2, "start", None), arg(p, 3, "end", None)
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None or end > size else (end + size if end < 0 else end)
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            return None
+        bounds.append((start, end))
+    return y, d, bounds
+
+
+class _Op:
+    """A layout op that is not (yet) in the graph, for LayoutMap/index_map."""
+
+    def __init__(self, target, *args):
+        self.target, self.args, self.kwargs = target, (None, *args), {}
+
+
+def _permute_count(form) -> int:
+    return sum(op == "permute" for op, _ in form)
+
+
+def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...]]):
+    """(p, form) with chain(x) == permute(form(x), p), or None.
+
+    A p in `preferred` (the layout an operand of the gather's consumer is already read in, see _sibling_permutes)
+    is taken when form has no more permutes than the chain: the permute after the gather then dies in step 2.
+    Otherwise form must have fewer permutes than the chain (the permute moves past the gather for step 1 to fuse)."""
+    rank = len(ys)
+    if rank > 6:
+        return None
+    have = sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
+
+    def factor(p):
+        inv = [0] * rank
+        for i, q in enumerate(p):
+            inv[q] = i
+        return express(xs, tuple(ys[q] for q in inv), LayoutMap([*chain, _Op(aten.permute.default, inv)], xs))
+
+    for p in preferred:
+        form = factor(p)
+        if form is not None and _permute_count(form) <= have:
+            return list(p), form
+    best = None
+    for p in itertools.permutations(range(rank)):
+        if list(p) == sorted(p):
+            continue
+        form = factor(p)
+        if form is None or _permute_count(form) >= have:
+            continue
+        score = (_permute_count(form), len(form))
+        if best is None or score < best[0]:
+            best = (score, list(p), form)
+    return None if best is None else (best[1], best[2])
+
+
+def _sibling_permutes(c: fx.Node, ys) -> list[tuple[int, ...]]:
+    """Permutes p such that an element-wise consumer of c has another operand a that the graph already reads as
+    a permute of it, a' = permute(a, q) with p = q^-1: the consumer can then run in a's layout."""
+    found = []
+    for u in c.users:
+        if u.target is aten.slice.Tensor:  # a second gather on c (the other axis of a 2-D roll): look past it
+            for cat in u.users:
+                if cat.target is aten.cat.default and shape(cat) == tuple(ys):
+                    found += [p for p in _sibling_permutes(cat, ys) if p not in found]
+            continue
+        if not _elementwise(u):
+            continue
+        for a in u.args:
+            if not isinstance(a, fx.Node) or a is c or shape(a) != tuple(ys):
+                continue
+            for v in a.users:
+                if v.target in (aten.permute.default,) and len(v.args[1]) == len(ys):
+                    q = [d % len(ys) for d in v.args[1]]
+                    inv = [0] * len(q)
+                    for i, d in enumerate(q):
+                        inv[d] = i
+                    if tuple(inv) not in found:
+                        found.append(tuple(inv))
+    return found
 
 
 # --- index maps ------------------------------------------------------------------------------------------------------
@@ -332,10 +483,76 @@ def express(xs, ys, idx: "LayoutMap | torch.Tensor") -> list[tuple] | None:
     """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout."""
     xs, ys = tuple(xs), tuple(ys)
     if isinstance(idx, LayoutMap):
-        if idx.key is None:
-            return _express_tensor(xs, ys, idx.tensor())
-        return _express_strided(xs, ys, idx)
-    return _express_tensor(xs, ys, idx)
+        form = _express_tensor(xs, ys, idx.tensor()) if idx.key is None else _express_strided(xs, ys, idx)
+        if form is None and math.prod(xs) <= MAX_DIGIT_SEARCH:
+            form = _express_digits(xs, ys, idx.tensor())
+        return form
+    form = _express_tensor(xs, ys, idx)
+    if form is None and idx.numel() <= MAX_DIGIT_SEARCH:
+        form = _express_digits(xs, ys, idx)
+    return form
+
+
+def _split_at_dims(digits: list[tuple[int, int]], xs, ys) -> list[tuple[int, int]]:
+    """Digits (size, source step; output order, innermost first) cut where a source or an output dim ends, so
+    that no reshaped dim spans two dims of either side (a merged (C * rows) leading dim would break batch rules)."""
+    src = set(_contiguous_strides(xs)) | {math.prod(xs)}
+    out = set(_contiguous_strides(ys)) | {math.prod(ys)}
+    result, unit = [], 1
+    for r, step in digits:
+        cuts = sorted({b // step for b in src if step < b < step * r and b % step == 0} |
+                      {b // unit for b in out if unit < b < unit * r and b % unit == 0})
+        cuts = [c for c in cuts if r % c == 0]
+        prev = 1
+        for c in cuts + [r]:
+            if c % prev == 0 and c > prev:
+                result.append((c // prev, step * prev))
+                prev = c
+        unit *= r
+    return result
+
+
+def _express_digits(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
+    """reshape + permute + reshape, when the map permutes the digits of some mixed-radix split of the flat index.
+
+    Walking the output's flat order, each digit is a maximal run of equal steps in the source index (innermost
+    first); the runs, ordered by step, must tile the source (steps 1, r0, r0*r1, ...). Swin's window reverse from
+    channels-first windows to a channels-first image, (C, nh*nw, wh*ww) -> (C, nh*wh, nw*ww), is one such map."""
+    flat = idx.flatten()
+    n, digits, unit = flat.numel(), [], 1
+    while unit < n:
+        runs = flat[::unit] - flat[0]
+        step = int(runs[1])
+        bad = (runs != torch.arange(runs.numel()) * step).nonzero()
+        r = int(bad[0]) if bad.numel() else runs.numel()
+        while r > 1 and runs.numel() % r:
+            r -= 1
+        if r <= 1 or step <= 0:
+            return None
+        digits.append((r, step))
+        unit *= r
+    digits = _split_at_dims(digits, xs, ys)
+    if xs[0] == 1 and ys[0] == 1:  # keep the batch axis in front (trt-safe and DLA bound dim 0 of every tensor)
+        digits.append((1, n))
+    order = sorted(range(len(digits)), key=lambda i: digits[i][1])  # source digits, innermost first
+    acc = 1
+    for i in order:
+        if digits[i][1] != acc:
+            return None
+        acc *= digits[i][0]
+    if len(digits) > 6:
+        return None
+    mid = [digits[i][0] for i in reversed(order)]
+    place = {i: len(order) - 1 - k for k, i in enumerate(order)}
+    perm = [place[i] for i in reversed(range(len(digits)))]
+    if not torch.equal(torch.arange(n).reshape(mid).permute(perm).reshape(ys), idx.reshape(ys)):
+        return None
+    form = [] if list(xs) == mid else [("reshape", mid)]
+    if perm != sorted(perm):
+        form.append(("permute", perm))
+    if [mid[i] for i in perm] != list(ys):
+        form.append(("reshape", list(ys)))
+    return form
 
 
 def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
@@ -453,11 +670,30 @@ def _existing_inverse(a: fx.Node, xs, fwd: LayoutMap) -> fx.Node | None:
         node, depth = stack.pop()
         if shape(node) == xs:
             chain, src = _chain_to(node)
+            if a in chain:  # a is itself a layout op (a reshape of the residual stream): the part after it
+                chain, src = chain[chain.index(a) + 1:], a
             if src is a and LayoutMap(fwd.chain + chain, xs).is_identity():
                 return node
         if depth < 3:
             stack.extend((u, depth + 1) for u in node.users if is_layout(u))
     return None
+
+
+def _rechain(a: fx.Node, xs, fwd: LayoutMap) -> tuple[fx.Node, list[tuple]] | None:
+    """(s, form) with L(form(s)) == a, where a = chain(s) is a layout chain and form has no more permutes than the
+    chain: the operand joins the region in the source layout at no extra cost (Swin's window reverse feeding a
+    residual Add: windows -> image channels-first is one Transpose, like windows -> image channels-last)."""
+    chain, src = _chain_to(a)
+    n = math.prod(xs)
+    if shape(src) is None or n > MAX_DIGIT_SEARCH or xs[0] > shape(a)[0]:
+        return None  # never into a layout with a longer leading dim (windows): trt-safe and DLA bound dim 0
+    wanted = torch.empty(n, dtype=torch.int64)
+    wanted[fwd.tensor().flatten()] = index_map(chain, shape(src)).flatten()  # t with L(t) = a, as src indices
+    form = express(shape(src), xs, wanted.reshape(xs))
+    have = sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
+    if form is None or _permute_count(form) > have:
+        return None
+    return src, form
 
 
 def _hoist_before(node: fx.Node, anchor: fx.Node, order: dict) -> None:

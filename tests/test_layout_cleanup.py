@@ -128,7 +128,7 @@ def test_strided_layout_maps_agree_with_index_tensors():
     from attn2conv.passes.layout_cleanup import LayoutMap, _express_tensor, express, index_map
 
     rng = np.random.default_rng(0)
-    strided = copied = 0
+    strided = copied = three_op = 0
     maps = []
     for _ in range(400):
         xs = tuple(int(d) for d in rng.choice([2, 3, 4, 6], size=int(rng.integers(2, 5))))
@@ -137,9 +137,40 @@ def test_strided_layout_maps_agree_with_index_tensors():
         strided, copied = strided + (m.key is not None), copied + (m.key is None)
         assert m.shape == tuple(idx.shape) == ys
         assert m.is_identity() == torch.equal(idx.flatten(), torch.arange(idx.numel()))
-        assert express(xs, ys, m) == _express_tensor(xs, ys, idx)
+        form = express(xs, ys, m)
+        assert form == express(xs, ys, idx)
+        if form is not None:  # the form rebuilds the map exactly
+            t = torch.arange(idx.numel()).reshape(xs)
+            for op, val in form:
+                t = t.reshape(val) if op == "reshape" else t.permute(val)
+            assert torch.equal(t, idx)
+            three_op += len(form) == 3 and _express_tensor(xs, ys, idx) is None
         maps.append((xs, m, idx))
     for (xa, a, ia), (xb, b, ib) in zip(maps, maps[1:] + maps[:1]):
         if xa == xb and ia.shape == ib.shape:
             assert a.equals(b) == torch.equal(ia, ib)
     assert strided > 200 and copied > 20  # both representations were exercised
+    assert three_op >= 3  # reshape + permute + reshape forms, beyond the two-op search
+
+
+def test_swin_shifted_blocks_keep_the_residual_stream_channels_first():
+    """Rolls (window_ops' slice + cat) commute with permutes: the shifted window partition reads the channels-first
+    LayerNorm output directly, the window reverse writes channels-first, and every residual Add is channels-first."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(2, 4),
+                              embed_dim=32, img_size=112).eval()
+    x = torch.randn(1, 3, 112, 112)
+    passes = ["constant_fold", "window_ops", "layernorm_decompose", "gelu_decompose", "linear_to_conv"]
+    before = attn2conv.convert(model, "trt-safe", x, pipeline=attn2conv.Pipeline(passes))
+    after = attn2conv.convert(model, "trt-safe", x, pipeline=attn2conv.Pipeline(passes + ["layout_cleanup"]))
+    assert after.report.passes[-1].rel_error <= 1e-6  # convs reading (C, H, W) instead of (C, 1, N): fp32 order
+    gm = after.module
+    permutes = sum(is_op(n, "aten.permute") for n in gm.graph.nodes)
+    assert permutes * 3 <= sum(is_op(n, "aten.permute") for n in before.module.graph.nodes)
+    shifted = [n for n in gm.graph.nodes if is_op(n, "aten.cat") and module_path(n) == "layers.0.blocks.1"]
+    assert len(shifted) == 4  # the roll before the attention and the one back, two axes each
+    for cat in shifted:  # (B, C, H, W): rolled along H and W, channels untouched
+        assert tuple(cat.meta["val"].shape) == (1, 32, 28, 28) and cat.args[1] in (2, 3)
+    adds = [n for n in gm.graph.nodes if is_op(n, "aten.add") and module_path(n) in ("layers.0.blocks.0",
+                                                                                       "layers.0.blocks.1")]
+    assert len(adds) == 4 and all(tuple(n.meta["val"].shape)[1] == 32 for n in adds)  # channels on dim 1
+    assert rel_error(gm(x), model(x)) <= 1e-5
