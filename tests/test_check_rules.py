@@ -75,6 +75,27 @@ def b_tensor_dims_max(p, r):
     return unary("Relu", shape=shape), unary("Relu", shape=[1] * rank)
 
 
+def b_io_rank_in(p, r):
+    """A Reshape/Transpose of a rank-3 tensor breaks it; the same on rank 4 does not."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    op = r.params["ops"][0]
+    bad = next(k for k in range(2, 7) if k not in r.params["allowed"])
+
+    def net(rank):
+        shape = [1] * (rank - 2) + [4, 6]
+        out = shape[:-2] + [6, 4]
+        if op == "Transpose":
+            node = h.make_node("Transpose", ["x"], ["y"], name="n", perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+            return model([node], [vi("x", shape)], [vi("y", out)])
+        target = numpy_helper.from_array(np.array(out, np.int64), "s")
+        return model([h.make_node("Reshape", ["x", "s"], ["y"], name="n")], [vi("x", shape)], [vi("y", out)],
+                     [target])
+
+    return net(bad), net(min(r.params["allowed"]))
+
+
 def b_tensor_batch_max(p, r):
     return unary("Relu", shape=(r.params["max"] + 1, 1, 1, 1, 1)), unary("Relu", shape=(1, 1, 1, 1, 1))
 

@@ -285,6 +285,15 @@ def spatial_dims(ctx, node, attrs, p):
     return None
 
 
+def io_rank_in(ctx, node, attrs, p):
+    """The data input and the first output have a rank in `allowed` (shapes unknown: no finding)."""
+    for name in (_input(node, 0), node.output[0] if node.output else ""):
+        dims = ctx.dims(name)
+        if dims is not None and len(dims) not in p["allowed"]:
+            return {"rank": len(dims)}
+    return None
+
+
 def pad_lt_kernel(ctx, node, attrs, p):
     pads = attrs.get("pads")
     kernel = _kernel(ctx, node, attrs)
@@ -479,7 +488,8 @@ def qdq_epilogue(ctx, node, attrs, p):
 
 
 NODE_CHECKS: dict[str, Callable] = {
-    "attr_range": attr_range, "attr_in": attr_in, "spatial_dims": spatial_dims, "pad_lt_kernel": pad_lt_kernel,
+    "attr_range": attr_range, "attr_in": attr_in, "spatial_dims": spatial_dims, "io_rank_in": io_rank_in,
+    "pad_lt_kernel": pad_lt_kernel,
     "input_const": input_const, "input_absent": input_absent, "outputs_max": outputs_max, "inputs_max": inputs_max,
     "input_dtype_not": input_dtype_not, "axis_in": axis_in, "axis_dim_max": axis_dim_max,
     "weight_dim_range": weight_dim_range, "dla_resize": dla_resize, "qdq_symmetric": qdq_symmetric,
