@@ -11,11 +11,22 @@ input value times 1.0 plus zeros, so the result is bit-identical (except inf/NaN
 Tensor.unfold(d, size, step) (patch extraction, x.unfold(2, k, s).unfold(3, k, s)) on any shape S: with
 pre = prod(S[:d]) and post = prod(S[d+1:]), x viewed as (1, pre, S[d], post) goes through a grouped conv with a
 (size, 1) one-hot kernel and stride (step, 1); the (pre*size, L', post) result is reshaped and permuted to
-S[:d] + [L'] + S[d+1:] + [size]. F.fold / col2im is not rewritten (it sums overlapping patches; the exact inverse
-would need a transposed conv, left for later). A learnable depthwise path added to the shift (Slide's deformed
-shifting, conv(x, W_shift) + conv(x, W_learn)) is then one sum of two convs over the same input with the same
-geometry, which fold_reparam merges into a single conv (W_shift + W_learn, b0 + b1).
-Produces aten.conv2d (+ aten.reshape, aten.permute): legal on every target (DLA: kernel <= 32, groups <= 8192).
+S[:d] + [L'] + S[d+1:] + [size]. A learnable depthwise path added to the shift (Slide's deformed shifting,
+conv(x, W_shift) + conv(x, W_learn)) is then one sum of two convs over the same input with the same geometry, which
+fold_reparam merges into a single conv (W_shift + W_learn, b0 + b1).
+
+F.fold / Col2Im (VOLO's outlook attention) is unfold's adjoint: it scatters row c*kh*kw + s of (B, C*kh*kw, L) to
+channel c shifted by (a, b) and sums where patches overlap. With the blocks viewed as (B, C*kh*kw, oh, ow), that is
+the transposed conv with the same one-hot kernels,
+
+    conv_transpose2d(x, W, stride, padding, output_padding, groups=C, dilation),   W as above,
+
+with output_padding = H - ((oh - 1) * stride - 2 * padding + dilation * (kh - 1) + 1) (< stride) so that the output
+is exactly output_size. Each output is a sum of the same input values as Col2Im's, in the conv's order: equal up to
+fp32 rounding of the overlapping sums (no overlap, stride >= kernel: bit-identical). Col2Im is opset 18, which
+trt-safe-8.6 (opset 17) cannot even express, and TensorRT 10 has no importer for it.
+Produces aten.conv2d / aten.conv_transpose2d (+ aten.reshape, aten.permute): legal on trt (DLA: kernel <= 32,
+groups <= 8192; a transposed conv with padding is a DLA error).
 """
 from __future__ import annotations
 
@@ -43,9 +54,9 @@ def _pair(v):
 class UnfoldToShift(GraphPass):
     id = "unfold_to_shift"
     exact = True
-    removes = ("aten.im2col", "aten.unfold")
-    introduces = ("aten.conv2d", "aten.reshape", "aten.permute")
-    summary = "F.unfold / Im2Col / Tensor.unfold -> one grouped conv with fixed one-hot shift kernels"
+    removes = ("aten.im2col", "aten.unfold", "aten.col2im")
+    introduces = ("aten.conv2d", "aten.conv_transpose2d", "aten.reshape", "aten.permute")
+    summary = "F.unfold / Im2Col / Tensor.unfold -> one grouped conv with one-hot shift kernels; F.fold -> its transpose"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
@@ -54,6 +65,8 @@ class UnfoldToShift(GraphPass):
                 new = self._im2col(gm, node)
             elif is_op(node, "aten.unfold") and node.target == aten.unfold.default:
                 new = self._unfold(gm, node)
+            elif is_op(node, "aten.col2im"):
+                new = self._col2im(gm, node)
             else:
                 continue
             if isinstance(new, str):
@@ -79,6 +92,27 @@ class UnfoldToShift(GraphPass):
         y = b.call(aten.conv2d.default, x4, w, None, list(_pair(stride)), list(_pair(padding)),
                    list(_pair(dilation)), c)
         return b.call(aten.reshape.default, y, list(shape(node)))
+
+    def _col2im(self, gm, node):
+        x, output_size, kernel, dilation, padding, stride = node.args[:6]
+        xs = shape(x)
+        if xs is None or len(xs) not in (2, 3):
+            return "input is not (B, C*kh*kw, L)"
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (_pair(v) for v in (kernel, dilation, padding, stride))
+        height, width = _pair(output_size)
+        oh, ow = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        rows, blocks = xs[-2:]
+        if rows % (kh * kw) or oh * ow != blocks:
+            return f"{rows} rows / {blocks} blocks do not match kernel {kh}x{kw} and output {height}x{width}"
+        extra = (height - ((oh - 1) * sh - 2 * ph + dh * (kh - 1) + 1), width - ((ow - 1) * sw - 2 * pw + dw * (kw - 1) + 1))
+        if not (0 <= extra[0] < max(sh, dh) and 0 <= extra[1] < max(sw, dw)):
+            return f"output {height}x{width} needs output_padding {extra}, outside what a transposed conv allows"
+        channels = rows // (kh * kw)
+        b = Builder(gm, node)
+        x4 = b.call(aten.reshape.default, x, [xs[0] if len(xs) == 3 else 1, rows, oh, ow])
+        w = b.constant(shift_kernels(channels, kh, kw, node.meta["val"].dtype), "shift_weight")
+        y = b.call(aten.conv_transpose2d.input, x4, w, None, [sh, sw], [ph, pw], list(extra), channels, [dh, dw])
+        return y if len(xs) == 3 else b.call(aten.reshape.default, y, list(shape(node)))
 
     def _unfold(self, gm, node):
         x, d, size, step = node.args[:4]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +81,45 @@ def test_deformed_shift_merges_with_learnable_path():
     result = attn2conv.convert(net, "dla", x, pipeline=attn2conv.Pipeline(["unfold_to_shift", "fold_reparam"]))
     assert op_counts(result.module)["aten.conv2d"] == 1
     assert rel_error(result.module(x), net(x)) < 1e-6
+
+
+class Fold(torch.nn.Module):
+    def __init__(self, size, **kw):
+        super().__init__()
+        self.size, self.kw = size, kw
+
+    def forward(self, x):
+        return F.fold(x * 1.5, self.size, **self.kw)
+
+
+@pytest.mark.parametrize("size, kw, c", [
+    ((28, 28), dict(kernel_size=3, padding=1, stride=2), 4),  # VOLO's outlook attention: output_padding 1
+    ((9, 7), dict(kernel_size=(3, 2), padding=(1, 0), stride=1, dilation=(2, 1)), 3),
+    ((8, 8), dict(kernel_size=2, stride=2), 5),  # no overlap: bit-identical
+])
+def test_fold_becomes_a_transposed_shift_conv(size, kw, c):
+    k = kw["kernel_size"]
+    kh, kwid = (k, k) if isinstance(k, int) else k
+    unfolded = F.unfold(torch.zeros(1, c, *size), kernel_size=k, **{n: v for n, v in kw.items() if n != "kernel_size"})
+    x = torch.randn(2, c * kh * kwid, unfolded.shape[-1])
+    net = Fold(size, **kw).eval()
+    result = attn2conv.convert(net, "trt", x, pipeline=attn2conv.Pipeline(["unfold_to_shift"]))
+    counts = op_counts(result.module)
+    assert counts.get("aten.col2im", 0) == 0 and counts.get("aten.conv_transpose2d", 0) == 1
+    out, ref = result.module(x), net(x)
+    if kw.get("stride", 1) == kh:
+        assert torch.equal(out, ref)
+    else:
+        assert rel_error(out, ref) <= 1e-6
+
+
+def test_volo_certifies_on_trt_without_col2im(tmp_path):
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    model = VOLO(layers=[1, 1, 1, 1], embed_dims=[64, 128, 128, 128], num_heads=[2, 4, 4, 4], img_size=64,
+                 num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = attn2conv.convert(model, "trt", x, export=str(tmp_path / "volo.onnx"))
+    assert result.certified, [f for f in result.check.findings if f.severity == "error"][:3]
+    assert result.report.rel_error <= 1e-5
