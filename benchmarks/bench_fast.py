@@ -5,6 +5,7 @@ to 1024x1024 (AV camera scale), and how each grows with the number of pixels.
     .venv/bin/python benchmarks/bench_fast.py --sizes 224 --repeats 7      # 224 only (minutes, not tens of minutes)
     .venv/bin/python benchmarks/bench_fast.py --sizes 224 448 1024         # the growth fit over three sizes
     .venv/bin/python benchmarks/bench_fast.py --sizes 1024 --repeats 2 --variants deit_s deit_s_fast
+    .venv/bin/python benchmarks/bench_fast.py --sizes 512 --repeats 3 --variants swin_t swin_t_fast --op-profile
 
 Variants (random weights, pretrained=False; every model exported with attn2conv.export.export_onnx):
   deit_s            timm deit_small_patch16_224 at img_size=S (MatMul + Softmax attention, LayerNorm, GELU)
@@ -19,7 +20,10 @@ Variants (random weights, pretrained=False; every model exported with attn2conv.
 Conversions use guard="final" (numeric checks once at the end; the fast passes are architectural anyway).
 Latency: warm-up, then `--repeats` rounds; each round runs every variant `--iters` times and keeps the round's median;
 the figure is the median over rounds (interleaving spreads the load of other processes over all variants).
-Ratios: each fast model over its own original, and deit_s_fast over swin_t. Growth: least-squares fit of
+Ratios: each fast model over its own original, and deit_s_fast over swin_t; `mac_ratio` the same for the ONNX
+files' Conv/MatMul/Gemm multiply-accumulates (load-independent; per-MAC speed is about equal on ORT CPU, so for
+Swin-T, whose windowed attention is already linear, it bounds the latency ratio: its MLPs, kept by the fast passes,
+are 61 % of its MACs). --op-profile adds ORT's time per op type of every variant. Growth: least-squares fit of
 log(latency) = a + k log(pixels) over the sizes; k = 1 is linear in pixels, attention's N^2 term pushes k towards 2.
 Results go to benchmarks/results/fast.json (sizes measured in an earlier run and not re-measured are kept, marked
 with the run that measured them).
@@ -56,6 +60,7 @@ def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dic
     import attn2conv
     from attn2conv.capture import capture
     from attn2conv.export import export_onnx
+    from _common import onnx_cost
 
     x = torch.randn(1, 3, size, size)
     path = out_dir / f"{variant}_{size}.onnx"
@@ -82,6 +87,7 @@ def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dic
         gm = capture(model, (x,))
     export_onnx(gm, (x,), path, target if fast else "trt", parity=False)
     info["build_seconds"] = round(time.perf_counter() - start, 1)
+    info["gmacs"] = round(onnx_cost(str(path))["macs"] / 1e9, 2)  # Conv/MatMul/Gemm multiply-accumulates
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     del gm, model
     return str(path), info
@@ -128,6 +134,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=["deit_s", "deit_s_fast", "swin_t", "swin_t_fast"])
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--op-profile", action="store_true", help="also record ORT's time per op type (ms per run)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     latency: dict[str, dict[int, float]] = {v: {} for v in args.variants}
@@ -141,6 +148,14 @@ def main(argv=None) -> dict:
             ms = measure(paths, size, args.threads, args.repeats, args.iters)
             for v, t in ms.items():
                 latency[v][size] = t
+            if args.op_profile:
+                import onnx
+                from _common import ort_op_profile
+
+                for v, p in paths.items():
+                    name = onnx.load(p, load_external_data=False).graph.input[0].name
+                    feed = {name: np.random.randn(1, 3, size, size).astype(np.float32)}
+                    builds[v][size]["op_time_ms"] = ort_op_profile(p, feed, args.threads, 2, tmp)
             print(f"{size}x{size}: " + ", ".join(f"{v} {t:.1f} ms" for v, t in ms.items()), flush=True)
             for p in paths.values():
                 for f in Path(tmp).glob(Path(p).name + "*"):
@@ -174,10 +189,13 @@ def main(argv=None) -> dict:
                        for name, (a, b) in pairs.items() if a in latency and b in latency}
     result["growth_exponent_vs_pixels"] = {
         v: round(growth_exponent(sorted(d), [d[s] for s in sorted(d)]), 3) for v, d in latency.items() if len(d) >= 2}
+    result["mac_ratio"] = {name: {str(s): round(builds[a][s]["gmacs"] / builds[b][s]["gmacs"], 3) for s in args.sizes
+                                  if "gmacs" in builds.get(a, {}).get(s, {}) and "gmacs" in builds.get(b, {}).get(s, {})}
+                           for name, (a, b) in pairs.items() if a in builds and b in builds}
     result["targets"] = {"ratio_at_224": 0.8, "ratio_at_1024": 0.4}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("latency_ms", "ratio", "growth_exponent_vs_pixels")
+    print(json.dumps({k: result[k] for k in ("latency_ms", "ratio", "mac_ratio", "growth_exponent_vs_pixels")
                       if k in result}, indent=2))
     return result
 

@@ -242,3 +242,39 @@ def test_window_attention_becomes_a_block_on_the_whole_map():
     gm2, res2 = run_passes(model, x, ["attention_to_csa"], options={"attention_to_csa": {"unwindow": False}})
     assert not [n for n in res2["attention_to_csa"].notes if "whole map" in n]
     assert nodes_of(gm2, "aten.roll")
+
+
+def test_lockstep_frees_values_after_their_last_use():
+    """Calibration sweeps run the graph on every batch at once; an intermediate must be released once its last user
+    ran (at camera resolutions keeping them all is tens of GiB), while hooks still see their node's arguments."""
+    import gc
+    import weakref
+
+    from attn2conv.modules.replace import lockstep
+
+    class Chain(nn.Module):
+        def forward(self, x):
+            a = x * 2
+            b = a + 1
+            c = b.relu()
+            return c - 3
+
+    gm = capture(Chain(), (torch.randn(2, 8),))
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    first, second, last = ops[0], ops[1], ops[-1]
+    refs, seen = [], {}
+
+    def keep_refs(values, fetch):
+        refs.extend(weakref.ref(v) for v in values)
+
+    def check(values, fetch):
+        gc.collect()
+        seen["alive"] = [r() is not None for r in refs]
+        seen["args"] = fetch(last.args[0])
+
+    batches = [(torch.randn(2, 8),), (torch.randn(2, 8),)]
+    lockstep(gm, batches, {first: keep_refs, last: check})
+    assert len(refs) == 2 and seen["alive"] == [False, False]  # x * 2 of both batches: dropped after a + 1 ran
+    expected = [(b[0] * 2 + 1).relu() for b in batches]
+    assert all(torch.equal(got, want) for got, want in zip(seen["args"], expected))
+    assert second in [u for u in first.users]

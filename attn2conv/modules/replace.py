@@ -420,13 +420,23 @@ def calibration_inputs(ctx, gm: fx.GraphModule, samples: int | None = None) -> l
 
 def lockstep(gm: fx.GraphModule, batches: list[tuple], hooks: dict) -> None:
     """Runs `gm` on every batch at once, node by node. hooks[node](values) sees the node's value on every batch (in
-    batch order) and `fetch(other_node)`, the values of an earlier node; it may return replacement values, so a statistic measured at one node already sees the effect of
-    the replacements made before it (calibration in one sweep, in graph order)."""
+    batch order) and `fetch(arg)`, the values of one of the node's arguments; it may return replacement values, so a
+    statistic measured at one node already sees the effect of the replacements made before it (calibration in one
+    sweep, in graph order)."""
     interps = []
     for batch in batches:
         it = fx.Interpreter(gm)
         it.env, it.args_iter = {}, iter(batch)
         interps.append(it)
+    # a value is dropped after its last user ran: at camera resolutions every intermediate of every batch kept
+    # alive at once is tens of GiB (hooks fetch only the arguments of their own node, alive by then)
+    last_user: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        for a in node.all_input_nodes:
+            last_user[a] = node
+    dies_after: dict[fx.Node, list[fx.Node]] = {}
+    for value, user in last_user.items():
+        dies_after.setdefault(user, []).append(value)
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "output":
@@ -436,6 +446,8 @@ def lockstep(gm: fx.GraphModule, batches: list[tuple], hooks: dict) -> None:
                 values = hooks[node](values, lambda n: [it.env[n] for it in interps]) or values
             for it, v in zip(interps, values):
                 it.env[node] = v
+                for dead in dies_after.get(node, ()):
+                    it.env.pop(dead, None)
 
 
 def _static_batch(gm: fx.GraphModule) -> int | None:
