@@ -79,3 +79,22 @@ def test_1d_pools_become_2d_and_are_split_exact():
         assert got.shape == ref.shape and rel_error(got, ref) <= 1e-6
     trt = attn2conv.convert(net, "trt", x, pipeline=Pipeline(["pool_window_split"]))
     assert op_counts(trt.module)["aten.avg_pool1d"] == 2  # TensorRT pools 1-D: left alone
+
+
+class Bicubic(torch.nn.Module):
+    def forward(self, x):  # CrossViT's 120 -> 112 px resize for its second branch, and a 2x upsample
+        return (F.interpolate(x, size=(112, 112), mode="bicubic", align_corners=False),
+                F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=True))
+
+
+def test_bicubic_resize_becomes_two_constant_linears_on_dla():
+    net, x = Bicubic().eval(), torch.randn(1, 3, 120, 120)
+    dla = attn2conv.convert(net, "dla", x, pipeline=Pipeline(["resize_to_scales", "linear_to_conv"]))
+    assert dla.report.passes[0].rewrites == 2
+    counts = op_counts(dla.module)
+    assert counts.get("aten.upsample_bicubic2d", 0) == 0 and counts["aten.conv2d"] == 4
+    for probe in (x, 10 * torch.randn_like(x)):
+        for got, ref in zip(dla.module(probe), net(probe)):
+            assert got.shape == ref.shape and rel_error(got, ref) <= 2e-6  # measured 9.2e-7: four-tap sums reordered
+    safe = attn2conv.convert(net, "trt-safe", x, pipeline=Pipeline(["resize_to_scales"]))
+    assert op_counts(safe.module)["aten.upsample_bicubic2d"] == 2  # TensorRT resizes cubic: kept (by scales)
