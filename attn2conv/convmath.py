@@ -1,5 +1,8 @@
 """Convolution algebra shared by the folding passes, in float64 so a fold adds no rounding of its own.
 
+Also the 1/sqrt forms shared by layernorm_decompose and normalize_decompose (rsqrt_form, times_rsqrt), including
+the Sqrt-, Pow- and Div-free Newton form for DLA (newton_rsqrt).
+
 A ConvForm is "this tensor equals conv2d(x, weight, bias, stride, padding, groups=groups)" for some graph node x.
 Sums, differences, per-channel scales and BatchNorms of ConvForms over the same x are again ConvForms, which is
 what lets RepVGG / MobileOne / RepMixer / Slide-style parallel branches collapse into one convolution.
@@ -13,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from attn2conv.graph import arg, get_constant, is_op, shape
+from attn2conv.graph import Builder, arg, aten, get_constant, is_op, shape
+from attn2conv.legality import onnx_cost
 
 
 @dataclass(frozen=True)
@@ -190,3 +194,87 @@ def per_channel(t: torch.Tensor | float, channels: int) -> torch.Tensor | None:
     if squeezed.dim() == 1 and squeezed.numel() == channels and (t.dim() >= 3 or t.dim() == 1 and channels == 1):
         return squeezed
     return None
+
+
+# --- z^(-1/2) in the form the target allows ------------------------------------------------------------------------
+
+ERROR_COST = 1000  # onnx_cost of one error-severity op
+RSQRT_FORM_OPS = {"div": ["Sqrt", "Div"], "rsqrt": ["Sqrt", "Reciprocal", "Mul"], "pow": ["Pow", "Mul"],
+                  "newton": ["Conv", "Relu", "Clip", "Mul", "Add"]}
+
+
+def rsqrt_form(profile) -> str:
+    """How to scale by z^(-1/2) on `profile`: "div" (x / Sqrt(z)), "rsqrt" (x * Reciprocal(Sqrt(z))), "pow"
+    (x * Pow(z, -0.5)) or "newton" (x * newton_rsqrt(z)): the least-flagged form, Sqrt forms first, and only where
+    those have an error (DLA through TensorRT 8.6: Sqrt and Pow are RFE) Pow or the Sqrt-free Newton form; ties go
+    to the earlier (cheaper) form."""
+    form = "div" if onnx_cost(profile, ["Sqrt", "Div"]) <= onnx_cost(profile, ["Sqrt", "Reciprocal"]) else "rsqrt"
+    if onnx_cost(profile, RSQRT_FORM_OPS[form]) >= ERROR_COST:
+        form = min((form, "pow", "newton"), key=lambda f: onnx_cost(profile, RSQRT_FORM_OPS[f]))
+    return form
+
+
+def times_rsqrt(b: Builder, x: fx.Node, z: fx.Node, form: str, eps: float) -> fx.Node:
+    """x * z^(-1/2) in `form` (see rsqrt_form), for z >= eps (the Newton form: z >= newton_floor(eps))."""
+    if form == "rsqrt":
+        return b.call(aten.mul.Tensor, x, b.call(aten.rsqrt.default, z))
+    if form == "pow":
+        return b.call(aten.mul.Tensor, x, b.call(aten.pow.Tensor_Scalar, z, -0.5))
+    if form == "newton":
+        return b.call(aten.mul.Tensor, x, newton_rsqrt(b, z, eps))
+    return b.call(aten.div.Tensor, x, b.call(aten.sqrt.default, z))
+
+
+def newton_floor(eps: float) -> float:
+    """The smallest z newton_rsqrt(., eps) is exact on: eps, but at least 2^-40 (its knots span down to there)."""
+    return max(float(eps), 2.0 ** -40)
+
+
+NEWTON_MAX = 2.0 ** 40  # z above ~3x this makes Newton diverge (variances of 1e12, activations of ~1e6)
+NEWTON_STEPS = 3
+FP16_SAFE_KNOT = 2.0 ** 14  # knots up to here use the relu form, whose values stay below 2 * knot (FP16 max 65504)
+
+
+def newton_rsqrt(b: Builder, z: fx.Node, eps: float) -> fx.Node:
+    """z^(-1/2) for z >= eps without Sqrt, Pow or Div (DLA runs none of them through TensorRT 8.6).
+
+    Initial guess: the chord interpolation of f(z) = z^(-1/2) between knots a_k = eps * 2^k (up to NEWTON_MAX),
+    written as a sum of non-negative terms (no cancellation):
+        r0 = f(a_K) + sum_k (f(a_k) - f(a_k+1)) * u_k,   u_k = clip(2 - z / a_k, 0, 1)
+    u_k is computed in a form whose every intermediate stays small in FP16 as well (the FP16 graph must not overflow):
+    knots <= 2^14: min(relu(2 a_k - z) / a_k, 1) (values <= 2 a_k); larger knots: clip(2 - z / a_k) (|.| <= 2 for
+    FP16 z). That is Conv, Relu, Clip and Conv ops: within 4.6 % of z^(-1/2) on [eps, NEWTON_MAX]. Then NEWTON_STEPS
+    steps of r <- r * (1.5 - 0.5 * (r z) r), which square the relative error each time (4.6e-2 -> 3.3e-3 ->
+    1.6e-5 -> 4e-10): the result is z^(-1/2) to float32 rounding (measured: 1.6e-7 over [1e-6, 1e12]).
+    """
+    a0 = newton_floor(eps)
+    k = max(1, math.ceil(math.log2(NEWTON_MAX / a0)))
+    knots = torch.tensor([a0 * 2.0 ** i for i in range(k + 1)], dtype=torch.float64)
+    f = knots.rsqrt()
+    chord = f[:-1] - f[1:]
+    small = int((knots[:-1] <= FP16_SAFE_KNOT).sum())
+    r = None
+    terms = []
+    if small:
+        a = knots[:small]
+        gap = b.call(aten.relu.default, b.call(aten.conv2d.default, z,
+                     b.constant(torch.full((small, 1, 1, 1), -1.0), "rsqrt_knot_weight"),
+                     b.constant((2 * a).float(), "rsqrt_knot_bias")))
+        u = b.call(aten.conv2d.default, gap, b.constant((1 / a).reshape(small, 1, 1, 1).float(), "rsqrt_knot_scale"),
+                   None, [1, 1], [0, 0], [1, 1], small)
+        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[:small]))
+    if small < k:
+        a = knots[small:-1]
+        u = b.call(aten.conv2d.default, z, b.constant((-1 / a).reshape(-1, 1, 1, 1).float(), "rsqrt_knot_weight_hi"),
+                   b.constant(torch.full((len(a),), 2.0), "rsqrt_knot_bias_hi"))
+        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[small:]))
+    for i, (u, c) in enumerate(terms):
+        bias = b.constant(f[-1:].float(), "rsqrt_chord_bias") if i == 0 else None
+        term = b.call(aten.conv2d.default, u, b.constant(c.reshape(1, -1, 1, 1).float(), "rsqrt_chord_weight"), bias)
+        r = term if i == 0 else b.call(aten.add.Tensor, r, term)
+    step_w = b.constant(torch.full((1, 1, 1, 1), -0.5), "rsqrt_newton_weight")
+    step_b = b.constant(torch.tensor([1.5]), "rsqrt_newton_bias")
+    for _ in range(NEWTON_STEPS):
+        t = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, r, z), r)  # (r z) r: r z = z^(1/2) never overflows
+        r = b.call(aten.mul.Tensor, r, b.call(aten.conv2d.default, t, step_w, step_b))  # 1.5 - 0.5 t as a 1x1 conv
+    return r

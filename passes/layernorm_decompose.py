@@ -15,7 +15,8 @@ Which ONNX ops carry each step is chosen from the target profile, least-flagged 
                     than Reciprocal. Where that form has an error (DLA through TensorRT 8.6: Sqrt is RFE, and so is
                     Pow; IElementWise on DLA is Sum/Prod/Max/Min/Sub), Pow(z, -0.5) if the profile allows Pow, else
                     the "newton" form: a chord-interpolated guess (Conv, Relu, Clip, Conv) and three Newton steps
-                    (Mul, 1x1 Conv), exact to float32 rounding (1.4e-7 over z in [1e-6, 1e12]); see _newton_rsqrt.
+                    (Mul, 1x1 Conv), exact to float32 rounding (1.4e-7 over z in [1e-6, 1e12]); convmath.newton_rsqrt
+                    (shared with normalize_decompose).
     gamma, beta     folded into the consumers when every consumer is a Linear with constant weights
                     (W' = W diag(gamma), b' = b + W beta, computed in float64), else Mul + Add by (C, 1, 1) constants.
 
@@ -46,6 +47,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from attn2conv.convmath import rsqrt_form, times_rsqrt
 from attn2conv.graph import Builder, arg, aten, get_constant, is_op, replace_uses, shape, to_channels_first, where
 from attn2conv.legality import onnx_cost
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
@@ -249,17 +251,8 @@ def _choose_modes(ctx: PassContext) -> dict | None:
         mean = "reduce" if onnx_cost(profile, ["ReduceMean", "Sub"]) == 0 else "conv"
     norm = ctx.option(ID, "norm", "auto")
     if norm == "auto":
-        norm = "div" if onnx_cost(profile, ["Sqrt", "Div"]) <= onnx_cost(profile, ["Sqrt", "Reciprocal"]) else "rsqrt"
-        if onnx_cost(profile, NORM_OPS[norm]) >= ERROR_COST:
-            # the target rejects Sqrt (DLA): Pow(z, -0.5) where allowed, else the Sqrt-free Newton form; ties go to
-            # the earlier (cheaper) form
-            norm = min((norm, "pow", "newton"), key=lambda form: onnx_cost(profile, NORM_OPS[form]))
+        norm = rsqrt_form(profile)
     return {"mean": mean, "norm": norm}
-
-
-ERROR_COST = 1000  # onnx_cost of one error-severity op
-NORM_OPS = {"div": ["Sqrt", "Div"], "rsqrt": ["Sqrt", "Reciprocal", "Mul"], "pow": ["Pow", "Mul"],
-            "newton": ["Conv", "Relu", "Clip", "Mul", "Add"]}
 
 
 def _is_channel_mean(node: fx.Node) -> bool:
@@ -298,63 +291,7 @@ def _normalise(b: Builder, x4: fx.Node, c: int, eps: float, modes: dict) -> fx.N
 
 
 def _scale(b: Builder, centred: fx.Node, var_eps: fx.Node, modes: dict, eps: float) -> fx.Node:
-    if modes["norm"] == "rsqrt":
-        return b.call(aten.mul.Tensor, centred, b.call(aten.rsqrt.default, var_eps))
-    if modes["norm"] == "pow":
-        return b.call(aten.mul.Tensor, centred, b.call(aten.pow.Tensor_Scalar, var_eps, -0.5))
-    if modes["norm"] == "newton":
-        return b.call(aten.mul.Tensor, centred, _newton_rsqrt(b, var_eps, eps))
-    return b.call(aten.div.Tensor, centred, b.call(aten.sqrt.default, var_eps))
-
-
-NEWTON_MAX = 2.0 ** 40  # z above ~3x this makes Newton diverge (variances of 1e12, activations of ~1e6)
-NEWTON_STEPS = 3
-FP16_SAFE_KNOT = 2.0 ** 14  # knots up to here use the relu form, whose values stay below 2 * knot (FP16 max 65504)
-
-
-def _newton_rsqrt(b: Builder, z: fx.Node, eps: float) -> fx.Node:
-    """z^(-1/2) for z >= eps without Sqrt, Pow or Div (DLA runs none of them through TensorRT 8.6).
-
-    Initial guess: the chord interpolation of f(z) = z^(-1/2) between knots a_k = eps * 2^k (up to NEWTON_MAX),
-    written as a sum of non-negative terms (no cancellation):
-        r0 = f(a_K) + sum_k (f(a_k) - f(a_k+1)) * u_k,   u_k = clip(2 - z / a_k, 0, 1)
-    u_k is computed in a form whose every intermediate stays small in FP16 as well (the FP16 graph must not overflow):
-    knots <= 2^14: min(relu(2 a_k - z) / a_k, 1) (values <= 2 a_k); larger knots: clip(2 - z / a_k) (|.| <= 2 for
-    FP16 z). That is Conv, Relu, Clip and Conv ops: within 4.6 % of z^(-1/2) on [eps, NEWTON_MAX]. Then NEWTON_STEPS
-    steps of r <- r * (1.5 - 0.5 * (r z) r), which square the relative error each time (4.6e-2 -> 3.3e-3 ->
-    1.6e-5 -> 4e-10): the result is z^(-1/2) to float32 rounding (measured: 1.6e-7 over [1e-6, 1e12]).
-    """
-    a0 = max(float(eps), 2.0 ** -40)
-    k = max(1, math.ceil(math.log2(NEWTON_MAX / a0)))
-    knots = torch.tensor([a0 * 2.0 ** i for i in range(k + 1)], dtype=torch.float64)
-    f = knots.rsqrt()
-    chord = f[:-1] - f[1:]
-    small = int((knots[:-1] <= FP16_SAFE_KNOT).sum())
-    r = None
-    terms = []
-    if small:
-        a = knots[:small]
-        gap = b.call(aten.relu.default, b.call(aten.conv2d.default, z,
-                     b.constant(torch.full((small, 1, 1, 1), -1.0), "rsqrt_knot_weight"),
-                     b.constant((2 * a).float(), "rsqrt_knot_bias")))
-        u = b.call(aten.conv2d.default, gap, b.constant((1 / a).reshape(small, 1, 1, 1).float(), "rsqrt_knot_scale"),
-                   None, [1, 1], [0, 0], [1, 1], small)
-        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[:small]))
-    if small < k:
-        a = knots[small:-1]
-        u = b.call(aten.conv2d.default, z, b.constant((-1 / a).reshape(-1, 1, 1, 1).float(), "rsqrt_knot_weight_hi"),
-                   b.constant(torch.full((len(a),), 2.0), "rsqrt_knot_bias_hi"))
-        terms.append((b.call(aten.clamp.default, u, 0.0, 1.0), chord[small:]))
-    for i, (u, c) in enumerate(terms):
-        bias = b.constant(f[-1:].float(), "rsqrt_chord_bias") if i == 0 else None
-        term = b.call(aten.conv2d.default, u, b.constant(c.reshape(1, -1, 1, 1).float(), "rsqrt_chord_weight"), bias)
-        r = term if i == 0 else b.call(aten.add.Tensor, r, term)
-    step_w = b.constant(torch.full((1, 1, 1, 1), -0.5), "rsqrt_newton_weight")
-    step_b = b.constant(torch.tensor([1.5]), "rsqrt_newton_bias")
-    for _ in range(NEWTON_STEPS):
-        t = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, r, z), r)  # (r z) r: r z = z^(1/2) never overflows
-        r = b.call(aten.mul.Tensor, r, b.call(aten.conv2d.default, t, step_w, step_b))  # 1.5 - 0.5 t as a 1x1 conv
-    return r
+    return times_rsqrt(b, centred, var_eps, modes["norm"], eps)
 
 
 def _affine(b: Builder, y4: fx.Node, gamma, beta, c: int) -> fx.Node:

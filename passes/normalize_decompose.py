@@ -13,7 +13,16 @@ DLA). Rewritten as
     y = x / max(sqrt(s), eps)               broadcast Div (no Expand); max(a, eps) as Max where the target accepts it
                                             without comment, else Relu(a - eps) + eps (Relu, Add: in the safety scope)
 
-A norm read by anything else becomes sqrt(s) (squeezed when keepdim=False). `aten.sum` over one axis (ConViT's
+Where Sqrt is an error (DLA through TensorRT 8.6: Sqrt, Pow and Reciprocal are RFE, Div a warning) the division
+becomes a product with z^(-1/2) in the form convmath.rsqrt_form picks for the profile (the layernorm_decompose one):
+
+    y = x * rsqrt(max(s, e))                max(sqrt(s), eps) = sqrt(max(s, eps^2)); the Newton form (Conv, Relu, Clip,
+                                            Mul) is exact on z >= 2^-40, so e = max(eps^2, 2^-40): equal to F.normalize
+                                            for every x with ||x|| >= 2^-20 (~1e-6) or x = 0; a nonzero x shorter than
+                                            that comes out as x * 2^20 instead of a unit vector (and below FP16's range)
+
+A norm read by anything else becomes sqrt(s) (squeezed when keepdim=False); on DLA s * rsqrt(max(s, e)), which is
+sqrt(s) for s >= e and 0 at s = 0. `aten.sum` over one axis (ConViT's
 re-normalisation of gated attention, attn / attn.sum(-1)) becomes the same Conv where the target flags ReduceSum.
 
 Numbers: the sums run in another order than PyTorch's reduction (float rounding only); Relu(a - eps) + eps equals
@@ -26,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.attention_match import eliminate_dead_code
+from attn2conv.convmath import newton_floor, rsqrt_form, times_rsqrt
 from attn2conv.graph import Builder, arg, aten, is_op, replace_uses, shape, to_channels_first
 from attn2conv.legality import onnx_cost
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
@@ -39,22 +49,24 @@ class NormalizeDecompose(GraphPass):
     exact = True
     removes = ("aten.linalg_vector_norm", "aten.linalg_norm", "aten.norm", "aten.sum")
     introduces = ("aten.mul", "aten.sum", "aten.conv2d", "aten.sqrt", "aten.div", "aten.clamp_min", "aten.relu",
-                  "aten.add", "aten.permute", "aten.reshape")
+                  "aten.add", "aten.permute", "aten.reshape", "aten.rsqrt", "aten.pow", "aten.clamp")
     summary = "L2 norm / F.normalize / sum over one axis -> x*x, ReduceSum or 1x1 Conv, Sqrt, Div (no ReduceL2)"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         use_reduce = onnx_cost(ctx.profile, ["ReduceSum"]) == 0
         use_max = onnx_cost(ctx.profile, ["Max"]) <= onnx_cost(ctx.profile, ["Relu", "Add"])
+        form = ctx.option(ID, "norm", "auto")
+        form = rsqrt_form(ctx.profile) if form == "auto" else form
         result.notes.append(f"sums by {'ReduceSum' if use_reduce else '1x1 Conv'}, "
-                            f"max(., eps) by {'Max' if use_max else 'Relu + Add'}")
+                            f"max(., eps) by {'Max' if use_max else 'Relu + Add'}, 1/sqrt by {form}")
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op != "call_function":
                 continue
             if is_op(node, "aten.linalg_vector_norm", "aten.linalg_norm", "aten.norm"):
                 if onnx_cost(ctx.profile, ["ReduceL2"]) == 0 and ctx.option(ID, "keep_legal", True):
                     continue
-                reason = _norm(gm, node, use_reduce, use_max)
+                reason = _norm(gm, node, use_reduce, use_max, form)
             elif is_op(node, "aten.sum") and not use_reduce:
                 reason = _sum(gm, node)
             else:
@@ -73,7 +85,7 @@ def _dims(node: fx.Node, rank: int, index: int, name: str) -> list[int] | None:
     return sorted({int(d) % rank for d in dims})
 
 
-def _norm(gm: fx.GraphModule, node: fx.Node, use_reduce: bool, use_max: bool) -> str | None:
+def _norm(gm: fx.GraphModule, node: fx.Node, use_reduce: bool, use_max: bool, form: str) -> str | None:
     x = node.args[0]
     xs = shape(x)
     if xs is None or not xs:
@@ -92,31 +104,51 @@ def _norm(gm: fx.GraphModule, node: fx.Node, use_reduce: bool, use_max: bool) ->
     if not use_reduce and len(dims) != 1:
         return f"L2 norm over axes {dims}: only one axis can be summed by a convolution on this target"
     b = Builder(gm, node)
+
+    def squares_sum(t, t_shape, keep=True):  # sum over `dims` of t * t: ReduceSum, or a 1x1 Conv over channels
+        if use_reduce:
+            return b.call(aten.sum.dim_IntList, b.call(aten.mul.Tensor, t, t), dims, keep)
+        return _channel_sum(b, b.call(aten.mul.Tensor, t, t), t_shape)
+
     divisions = _normalize_divisions(node, x, xs) if keepdim else None
     if divisions is not None:  # F.normalize: the whole x / max(norm, eps) in one place, without the Expand
         eps, divs = divisions
         if use_reduce:
-            n = b.call(aten.sqrt.default, b.call(aten.sum.dim_IntList, b.call(aten.mul.Tensor, x, x), dims, True))
-            y = b.call(aten.div.Tensor, x, _max_eps(b, n, eps, use_max))
+            y = _unit(b, x, squares_sum(x, None), eps, use_max, form)
         else:
             x4, back, moved = _channels_first(b, x, xs, dims[0])
-            n4 = b.call(aten.sqrt.default, _channel_sum(b, b.call(aten.mul.Tensor, x4, x4), shape_c=xs[dims[0]]))
-            y = moved(back(b.call(aten.div.Tensor, x4, _max_eps(b, n4, eps, use_max))))
+            y = moved(back(_unit(b, x4, squares_sum(x4, xs[dims[0]]), eps, use_max, form)))
         y.meta["val"] = divs[0].meta.get("val")
         for div in divs:
             replace_uses(div, y)
         return None
     if use_reduce:
-        n = b.call(aten.sqrt.default, b.call(aten.sum.dim_IntList, b.call(aten.mul.Tensor, x, x), dims, keepdim))
+        n = _root(b, squares_sum(x, None, keepdim), use_max, form)
     else:
         x4, back, moved = _channels_first(b, x, xs, dims[0])
-        n = moved(back(b.call(aten.sqrt.default, _channel_sum(b, b.call(aten.mul.Tensor, x4, x4), xs[dims[0]])),
-                       1))
+        n = moved(back(_root(b, squares_sum(x4, xs[dims[0]]), use_max, form), 1))
         if not keepdim:
             n = b.call(aten.reshape.default, n, list(shape(node)))
     n.meta["val"] = node.meta.get("val")
     replace_uses(node, n)
     return None
+
+
+def _unit(b: Builder, x: fx.Node, s: fx.Node, eps: float, use_max: bool, form: str) -> fx.Node:
+    """x / max(sqrt(s), eps), s the sum of squares: Sqrt + Div where the target has them, else
+    x * rsqrt(max(s, eps^2)) in `form` (the Newton form clamps at max(eps^2, 2^-40), the smallest z it is exact on)."""
+    if form == "div":
+        return b.call(aten.div.Tensor, x, _max_eps(b, b.call(aten.sqrt.default, s), eps, use_max))
+    floor = newton_floor(eps * eps) if form == "newton" else eps * eps
+    return times_rsqrt(b, x, _max_eps(b, s, floor, use_max), form, floor)
+
+
+def _root(b: Builder, s: fx.Node, use_max: bool, form: str) -> fx.Node:
+    """sqrt(s): Sqrt where the target has it, else s * rsqrt(max(s, floor)) (0 at s = 0)."""
+    if form == "div":
+        return b.call(aten.sqrt.default, s)
+    floor = newton_floor(0.0)
+    return times_rsqrt(b, s, _max_eps(b, s, floor, use_max), form, floor)
 
 
 def _sum(gm: fx.GraphModule, node: fx.Node) -> str | None:

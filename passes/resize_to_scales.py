@@ -11,10 +11,17 @@ out / in, nudged up to the first float32 with in * s >= out (PyTorch, ONNX Runti
 size as floor(in * scale), in float64 or float32). Linear and cubic modes then map coordinates by 1 / s instead of in / out: the same
 number to float rounding. Nearest mode floors the mapped coordinate, where one ulp can pick another pixel, so it is
 rewritten only when in / out or out / in is an integer (the mapping is then exact either way).
+
+Where the target has no cubic resize at all (DLA resizes nearest or linear only: A2C-DLA-RESIZE-MODE), a bicubic
+resize becomes what it is on a static shape, a separable linear map: y = A_h x A_w^T, two Linears with constant
+(out, in) matrices (then 1x1 Convs by linear_to_conv) and two Transposes. The matrices are the op itself applied to
+one-hot images (constant along the other axis, which a resize whose weights sum to one keeps constant), so every
+output is the same four-tap sum with the same coefficients, plus exact zeros (float rounding of the sum only).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from attn2conv.attention_match import eliminate_dead_code
@@ -29,13 +36,17 @@ class ResizeToScales(GraphPass):
     id = "resize_to_scales"
     exact = True
     removes = ()
-    introduces = ()
-    summary = "interpolate(size=...) -> the same resize by constant scale factors (Resize by sizes is not safe/DLA)"
+    introduces = ("aten.linear", "aten.permute")
+    summary = ("interpolate(size=...) -> the same resize by constant scale factors (Resize by sizes is not safe/DLA); "
+               "bicubic -> two constant Linears where the target has no cubic resize (DLA)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
+        no_cubic = any(rule.check == "dla_resize" for rule in getattr(ctx.profile, "rules", ()) or ())
         for node in list(gm.graph.nodes):
-            if is_op(node, *UPSAMPLES):
+            if no_cubic and is_op(node, "aten.upsample_bicubic2d"):
+                result.tally(node, _separable_linear(gm, node))
+            elif is_op(node, *UPSAMPLES):
                 reason = _rewrite(gm, node)
                 if reason != "":
                     result.tally(node, reason)
@@ -82,3 +93,34 @@ def _scale(size_in: int, size_out: int) -> float:
     while float(s) * size_in < size_out:  # exact in float64; then float32 products round to >= size_out as well
         s = np.nextafter(s, np.float32(np.inf))
     return float(s)
+
+
+def _separable_linear(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """A resize on a static (B, C, H, W) shape as A_h x A_w^T: Linear over W, transpose, Linear over H, transpose."""
+    x = node.args[0]
+    xs, outs = shape(x), shape(node)
+    if xs is None or outs is None or len(xs) != 4:
+        return "input or output shape unknown"
+    (h, w), (ho, wo) = xs[2:], outs[2:]
+    rest = tuple(node.args[1:])
+
+    def resize(basis: torch.Tensor) -> torch.Tensor:
+        return node.target(basis, *rest, **node.kwargs)
+
+    # in x's dtype, so the taps are the very coefficients the op computes (its float32 source coordinates are off
+    # by up to ~1e-5 relative at 100 px; float64 taps would be truer but farther from the model)
+    dtype = x.meta["val"].dtype
+    eye_w = torch.eye(w, dtype=dtype).reshape(w, 1, 1, w).expand(w, 1, h, w).contiguous()
+    eye_h = torch.eye(h, dtype=dtype).reshape(h, 1, h, 1).expand(h, 1, h, w).contiguous()
+    a_w, a_h = resize(eye_w)[:, 0, 0, :].T, resize(eye_h)[:, 0, :, 0].T  # (wo, w), (ho, h)
+    if a_w.shape != (wo, w) or a_h.shape != (ho, h):
+        return f"the resize of one-hot images gives {tuple(a_h.shape)} x {tuple(a_w.shape)}, not {outs[2:]}"
+    b = Builder(gm, node)
+    y = b.call(aten.linear.default, x, b.constant(a_w.contiguous(), "resize_w_weight"))
+    y = b.call(aten.permute.default, y, [0, 1, 3, 2])
+    y = b.call(aten.linear.default, y, b.constant(a_h.contiguous(), "resize_h_weight"))
+    y = b.call(aten.permute.default, y, [0, 1, 3, 2])
+    y.meta["val"] = node.meta.get("val")
+    replace_uses(node, y)
+    gm.graph.erase_node(node)
+    return None

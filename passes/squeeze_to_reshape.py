@@ -4,6 +4,8 @@ Squeeze and Unsqueeze (DLA through TensorRT 8.6: both 'RFE', only Reshape and Tr
     unbind(x, d)[i]   -> reshape(slice(x, d, i, i+1), shape without d)     (was Split + Squeeze)
     squeeze(x, ...)   -> reshape(x, output shape)
     unsqueeze(x, d)   -> reshape(x, output shape)
+    stack(xs, d)      -> cat([reshape(x, shape with a 1 at d) for x in xs], d)     (was Unsqueeze x n + Concat;
+                         concat_channel_axis then moves a Concat off the channel axis)
 
 Static shapes only (every captured graph has them). Runs only where the target profile flags Squeeze or Unsqueeze
 more than Slice + Reshape, so other targets keep the exporter's own forms.
@@ -23,9 +25,9 @@ from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 class SqueezeToReshape(GraphPass):
     id = "squeeze_to_reshape"
     exact = True
-    removes = ("aten.unbind", "aten.squeeze", "aten.unsqueeze")
-    introduces = ("aten.slice", "aten.reshape")
-    summary = "unbind / squeeze / unsqueeze -> Slice + Reshape where the target flags Squeeze/Unsqueeze"
+    removes = ("aten.unbind", "aten.squeeze", "aten.unsqueeze", "aten.stack")
+    introduces = ("aten.slice", "aten.reshape", "aten.cat")
+    summary = "unbind / squeeze / unsqueeze / stack -> Slice, Reshape (+ Concat) where the target flags (Un)Squeeze"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
@@ -35,6 +37,8 @@ class SqueezeToReshape(GraphPass):
         for node in list(gm.graph.nodes):
             if is_op(node, "aten.unbind"):
                 result.tally(node, _unbind(gm, node))
+            elif is_op(node, "aten.stack"):
+                result.tally(node, _stack(gm, node))
             elif is_op(node, "aten.squeeze", "aten.unsqueeze"):
                 out = shape(node)
                 if out is None:
@@ -64,5 +68,20 @@ def _unbind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         piece.meta["val"] = user.meta.get("val")
         replace_uses(user, piece)
         gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return None
+
+
+def _stack(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    ys = shape(node)
+    pieces = node.args[0]
+    if ys is None or any(shape(p) is None for p in pieces):
+        return "shape unknown"
+    d = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(ys)
+    b = Builder(gm, node)
+    views = [b.call(aten.reshape.default, p, [*ys[:d], 1, *ys[d + 1:]]) for p in pieces]
+    y = b.call(aten.cat.default, views, d)
+    y.meta["val"] = node.meta.get("val")
+    replace_uses(node, y)
     gm.graph.erase_node(node)
     return None

@@ -78,3 +78,54 @@ def test_xcit_cross_covariance_attention_fully_converted_for_trt_safe():
     for probe in (x, torch.randn_like(x)):
         assert rel_error(result.module(probe), model(probe)) <= 1e-5
     assert not {"MatMul", "ReduceL2", "ReduceSum"} & _errors(result)
+
+
+def test_dla_divides_by_the_newton_rsqrt_of_the_clamped_sum():
+    """DLA rejects Sqrt (and Pow, Reciprocal): F.normalize becomes x * rsqrt(max(s, e)) with layernorm_decompose's
+    Newton form, a bare norm s * rsqrt(max(s, e)); exact for zero rows, tiny, unit and huge vectors."""
+    net = Norms().eval()
+    x = torch.randn(2, 5, 8)
+    x[0, 1] = 0.0
+    x[1, :, 3] = 0.0
+    result = _convert(net, x, "dla")
+    assert "1/sqrt by newton" in " ".join(result.report.passes[0].notes)
+    counts = op_counts(result.module)
+    for gone in ("aten.sqrt", "aten.rsqrt", "aten.pow", "aten.div", "aten.linalg_vector_norm", "aten.linalg_norm"):
+        assert counts.get(gone, 0) == 0, gone
+    assert counts["aten.clamp_min"] == 3  # the two F.normalize clamps and the bare norm's
+    for scale in (1.0, 2.0 ** -19, 1e-3, 1e4, 1e5):  # ||x||^2 from ~2^-36 to ~1e11, inside [2^-40, 2^40]
+        probe = scale * torch.randn_like(x)
+        probe[0, 1] = 0.0
+        y, ref = result.module(probe), net(probe)
+        assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-6, scale
+    assert not {"Sqrt", "Pow", "Reciprocal", "ReduceL2", "ReduceSum"} & _errors(result)
+
+
+def test_swinv2_cosine_attention_certified_on_dla(tmp_path):
+    """The whole dla preset on a small SwinV2: no Sqrt left in the ONNX (it was the one op DLA rejected)."""
+    import onnx
+
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, depths=[1, 1], num_heads=[2, 4],
+                              embed_dim=32, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = attn2conv.convert(model, "dla", x, export=tmp_path / "swinv2.onnx")
+    assert result.certified, result.report.extra["check"]["failing"][:3]
+    by_id = {p.id: p for p in result.report.passes}
+    assert by_id["normalize_decompose"].status == "applied" and by_id["normalize_decompose"].rewrites == 4
+    assert by_id["normalize_decompose"].rel_error <= 1e-6
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "swinv2.onnx")).graph.node}
+    assert not {"Sqrt", "Pow", "Reciprocal", "ReduceL2", "ReduceSum", "Expand"} & ops
+    with torch.no_grad():
+        assert rel_error(result.module(x), model(x)) <= 1e-5
+
+
+def test_xcit_token_axis_normalize_on_dla():
+    """XCiT normalises q, k over the token axis (not the last one): on DLA the Newton form, exact, no Sqrt."""
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=1, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = _convert(model, x, "dla", passes=("linear_to_conv", "attention_to_conv", "normalize_decompose"))
+    assert result.report.passes[2].rewrites == 2
+    assert op_counts(result.module).get("aten.sqrt", 0) == 0
+    for probe in (x, torch.randn_like(x)):
+        assert rel_error(result.module(probe), model(probe)) <= 1e-5
+    assert not {"Sqrt", "ReduceL2", "ReduceSum", "MatMul"} & _errors(result)
