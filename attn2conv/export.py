@@ -5,8 +5,11 @@
 
 Steps, all on a temporary copy next to the destination (the destination only ever holds a complete file):
 
-1. ``torch.onnx.export(dynamo=True)`` with static shapes at opset 18 (the lowest the dynamo exporter translates to),
-   then onnxscript's constant folding and a chosen subset of its rewrite rules (no-op removal, Reshape/Transpose/
+1. The dynamo exporter's translation at opset 18 (the lowest it translates to) with static shapes. A GraphModule
+   from attn2conv.capture and the passes is functional ATen with a recorded value on every node already, so it is
+   not traced again: its get_attrs are lifted into an ExportedProgram's parameter/buffer/constant placeholders and
+   torch.onnx translates that directly (re-tracing the converted DeiT-S was most of the export time); anything else
+   goes through ``torch.onnx.export(dynamo=True)``. Then onnxscript's constant folding and a chosen subset of its rewrite rules (no-op removal, Reshape/Transpose/
    Slice/Cast chain collapsing, Pad and BatchNorm into Conv): the exporter's full optimiser tries ~46 rules on every
    node and was 1/5 of the end-to-end time on DeiT-S for the same result. Every node carries ``metadata_props``
    written by the exporter:
