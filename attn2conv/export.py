@@ -5,8 +5,11 @@
 
 Steps, all on a temporary copy next to the destination (the destination only ever holds a complete file):
 
-1. ``torch.onnx.export(dynamo=True)`` with static shapes at opset 18 (the lowest the dynamo exporter translates to),
-   then onnxscript's constant folding and a chosen subset of its rewrite rules (no-op removal, Reshape/Transpose/
+1. The dynamo exporter's translation at opset 18 (the lowest it translates to) with static shapes. A GraphModule
+   from attn2conv.capture and the passes is functional ATen with a recorded value on every node already, so it is
+   not traced again: its get_attrs are lifted into an ExportedProgram's parameter/buffer/constant placeholders and
+   torch.onnx translates that directly (re-tracing the converted DeiT-S was most of the export time); anything else
+   goes through ``torch.onnx.export(dynamo=True)``. Then onnxscript's constant folding and a chosen subset of its rewrite rules (no-op removal, Reshape/Transpose/
    Slice/Cast chain collapsing, Pad and BatchNorm into Conv): the exporter's full optimiser tries ~46 rules on every
    node and was 1/5 of the end-to-end time on DeiT-S for the same result. Every node carries ``metadata_props``
    written by the exporter:
@@ -29,6 +32,7 @@ Any failure raises :class:`ExportError` (one line) and leaves nothing new at the
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -284,21 +288,137 @@ def _translate_functional_graph(module, inputs: tuple, opset: int):
     if not isinstance(module, fx.GraphModule):
         return None
     try:
-        from torch.onnx._internal.exporter import _constants, _core, _fx_passes, _registration
+        from torch.onnx._internal.exporter import _constants, _core, _fx_passes
     except ImportError:
         return None
     if opset != _constants.TORCHLIB_OPSET:
         return None
-    registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
-    program = torch.export.export(module, inputs, strict=False)
-    graph = program.graph_module
-    for node in graph.graph.nodes:
+    registry = _torchlib_registry(opset)
+    for node in module.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
                 not registry.is_registered(node.target):
             return None
-    _fx_passes.insert_type_promotion_nodes(graph)
+    program = _lifted_program(module) if _has_shapes(module) else None
+    if program is None:  # no recorded shapes or an unusual attribute: let torch.export trace it
+        program = torch.export.export(module, inputs, strict=False)
+    graph = program.graph_module
+    if not _same_dtypes(graph):  # the type-promotion pass re-runs the graph on fake tensors: only when it matters
+        _fx_passes.insert_type_promotion_nodes(graph)
     program._graph_module = _fx_passes.remove_assertion_nodes(graph)
     return _core._exported_program_to_onnx_program(program, registry=registry)
+
+
+@functools.lru_cache(maxsize=None)
+def _torchlib_registry(opset: int):
+    """torch.onnx builds this table of ~2,000 ONNX functions on every export (0.4-1 s); it is read-only here."""
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def _has_shapes(module) -> bool:
+    """Every computed node carries a tensor value in meta['val'] (what capture and the guard's runs record)."""
+    return all("val" in n.meta for n in module.graph.nodes if n.op in ("placeholder", "call_function", "get_attr"))
+
+
+def _lifted_program(module):
+    """The ExportedProgram of an unlifted ATen GraphModule (the form ExportedProgram.module() gives and the passes
+    edit), built without tracing it again: every get_attr becomes a placeholder named in the graph signature as a
+    parameter, buffer or constant tensor, in front of the user inputs. Node metadata (nn_module_stack, stack_trace)
+    is kept as the passes left it, which is what the exporter writes into each ONNX node's provenance. Returns None
+    where the graph reads something other than a tensor attribute (the caller then traces it)."""
+    import torch
+    import torch.fx as fx
+    from torch.export import ExportedProgram
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                              TensorArgument)
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(module.graph, env)
+    graph.output(out)
+    first_user_input = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    anchor = first_user_input or next(iter(graph.nodes))
+    lifted: dict[str, tuple[InputKind, Any]] = {}
+    readers: dict[str, list] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        target = node.target
+        if target not in lifted:
+            if target in params:
+                lifted[target] = (InputKind.PARAMETER, params[target])
+            elif target in buffers:
+                lifted[target] = (InputKind.BUFFER, buffers[target])
+            else:
+                value = module
+                for atom in target.split("."):
+                    value = getattr(value, atom, None)
+                if not isinstance(value, torch.Tensor):
+                    return None
+                lifted[target] = (InputKind.CONSTANT_TENSOR, value)
+        readers.setdefault(target, []).append(node)
+    prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
+    order = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    input_specs, state_dict, constants = [], {}, {}
+    for kind in order:
+        for target, (k, value) in lifted.items():
+            if k is not kind:
+                continue
+            with graph.inserting_before(anchor):
+                ph = graph.placeholder(prefix[kind] + target.replace(".", "_"))
+            first = readers[target][0]
+            ph.meta.update(first.meta)
+            ph.meta["val"] = first.meta.get("val", value)
+            for reader in readers[target]:
+                reader.replace_all_uses_with(ph)
+                graph.erase_node(reader)
+            input_specs.append(InputSpec(kind=kind, arg=TensorArgument(name=ph.name), target=target,
+                                         persistent=True if kind is InputKind.BUFFER else None))
+            (constants if kind is InputKind.CONSTANT_TENSOR else state_dict)[target] = value
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name not in {s.arg.name for s in input_specs}:
+            input_specs.append(InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=node.name), target=None))
+    flat_out = torch.utils._pytree.tree_leaves(out)
+    if not all(isinstance(o, fx.Node) for o in flat_out):
+        return None
+    graph.output_node().args = (tuple(flat_out),)
+    output_specs = [OutputSpec(kind=OutputKind.USER_OUTPUT, arg=TensorArgument(name=o.name), target=None)
+                    for o in flat_out]
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    call = ModuleCallSignature(inputs=[], outputs=[], in_spec=getattr(info, "in_spec", None),
+                               out_spec=getattr(info, "out_spec", None))
+    try:
+        return ExportedProgram(root=torch.nn.Module(), graph=graph,
+                               graph_signature=ExportGraphSignature(input_specs, output_specs),
+                               state_dict=state_dict, range_constraints={},
+                               module_call_graph=[ModuleCallEntry(fqn="", signature=call)], constants=constants)
+    except Exception:  # noqa: BLE001 - torch's verifier refused the graph: trace it instead
+        return None
+
+
+def _same_dtypes(graph_module) -> bool:
+    """True when no node mixes dtypes: the inputs and the output of every call share one dtype (and integer tensors
+    meet no float scalars), so torch's type-promotion pass would insert nothing."""
+    import torch
+    import torch.fx as fx
+
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        dtypes, float_scalar = set(), False
+        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs, node.meta.get("val"))):
+            v = a.meta.get("val") if isinstance(a, fx.Node) else a
+            if isinstance(v, torch.Tensor):
+                dtypes.add(v.dtype)
+            elif isinstance(a, float):
+                float_scalar = True
+        if len(dtypes) > 1 or (float_scalar and dtypes and not next(iter(dtypes)).is_floating_point):
+            return False
+    return True
 
 
 def _optimize(program) -> None:

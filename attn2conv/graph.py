@@ -156,6 +156,12 @@ def _fake_value(target, args, kwargs):
 
     try:
         flat_args = torch.utils._pytree.tree_map(value, (args, kwargs))
+    except Exception:
+        return None
+    fast = _meta_value(target, flat_args)
+    if fast is not None:
+        return fast
+    try:
         mode = detect_fake_mode(torch.utils._pytree.tree_leaves(flat_args)) or FakeTensorMode(
             allow_non_fake_inputs=True)
         with mode:
@@ -165,6 +171,48 @@ def _fake_value(target, args, kwargs):
             return target(*fake[0], **fake[1])
     except Exception:  # shape inference is best-effort here
         return None
+
+
+_META_MODE = None
+
+
+def _meta_value(target, flat_args):
+    """The op run on meta tensors of the inputs' layouts, the result wrapped as a fake tensor (as the guard's shape
+    recorder does). Fake-tensor dispatch computes the same through the same meta kernels but converts every real
+    constant and caches per call, ~10x the cost; None where the op has no meta kernel (the caller falls back)."""
+    global _META_MODE
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    devices, modes = set(), []
+
+    def to_meta(t):
+        if isinstance(t, torch.Tensor):
+            devices.add(t.device)
+            if isinstance(t, FakeTensor):
+                modes.append(t.fake_mode)
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return t
+
+    try:
+        meta_args = torch.utils._pytree.tree_map(to_meta, flat_args)
+        if len(devices) != 1 or next(iter(devices)).type != "cpu":
+            return None
+        out = target(*meta_args[0], **meta_args[1])
+    except Exception:  # noqa: BLE001 - no meta kernel, or one that needs real data
+        return None
+    if _META_MODE is None:
+        _META_MODE = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = modes[0] if modes else _META_MODE  # the inputs' mode, so later fake dispatch can mix them
+    device = next(iter(devices))
+
+    def fake(obj):
+        if isinstance(obj, torch.Tensor):
+            return FakeTensor(mode, obj, device)
+        return obj if isinstance(obj, (int, float, bool)) else None
+
+    return torch.utils._pytree.tree_map(fake, out)
 
 
 def add_tensor(gm: fx.GraphModule, module: str, name: str, tensor: torch.Tensor, trainable: bool = False) -> str:

@@ -146,7 +146,7 @@ def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, guard: NumericG
         if not result.changed:
             record.status = "no change"
             record.seconds = time.perf_counter() - start
-            return _restore(snapshot, weights) if _graph_touched(gm, snapshot) else gm, record
+            return _restore(snapshot, gm) if _graph_touched(gm, snapshot) else gm, record
         cleanup(gm)
         if not shapes_from_guard:
             refresh_shapes(gm, ctx.example_inputs)
@@ -154,7 +154,7 @@ def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, guard: NumericG
         record.status = "failed"
         record.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
         record.seconds = time.perf_counter() - start
-        return _restore(snapshot, weights), record
+        return _restore(snapshot, gm), record
     if guard is not None:
         try:
             step, total, outs = guard.measure(gm, record_shapes=shapes_from_guard)
@@ -162,28 +162,58 @@ def run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, guard: NumericG
             record.status = "failed"
             record.notes.append(f"rewritten graph does not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
             record.seconds = time.perf_counter() - start
-            return _restore(snapshot, weights), record
+            return _restore(snapshot, gm), record
         record.rel_error, record.rel_error_total = step, total
         if p.exact and not step <= guard.rtol:
             record.status = "rolled back"
             record.notes.append(f"relative error {step:.2e} exceeds the bound {guard.rtol:g}; graph restored")
             record.seconds = time.perf_counter() - start
-            return _restore(snapshot, weights), record
+            return _restore(snapshot, gm), record
         guard.accept(outs)
     record.seconds = time.perf_counter() - start
     return gm, record
 
 
-def _snapshot(gm: fx.GraphModule, weights: "WeightStore") -> fx.GraphModule:
-    """A copy of the graph and module tree that shares the weight tensors (a full deep copy copied every weight before
-    every pass); `weights` keeps each tensor's value as of now, in case the pass writes into one in place."""
-    weights.refresh(gm)
-    return copy.deepcopy(gm, {id(t): t for t in weights.tensors()})
+class _Snapshot:
+    """The graph and the module tree as they were before a pass, restorable into the same GraphModule.
+
+    Taking it copies the graph's nodes (metadata shared, as GraphModule's deepcopy does) and each submodule's tables of
+    parameters, buffers, submodules and tensor attributes, sharing every tensor: no code generation, which a deepcopy of
+    the GraphModule paid before every pass (it recompiles the copy) though most passes are never rolled back.
+    `weights` keeps each tensor's value as of now, in case the pass writes into one in place."""
+
+    def __init__(self, gm: fx.GraphModule, weights: "WeightStore"):
+        weights.refresh(gm)
+        self.weights = weights
+        self.graph = copy.deepcopy(gm.graph)
+        self.node_count = len(self.graph.nodes)
+        self.modules = {name: (m, dict(m._parameters), dict(m._buffers), dict(m._modules),
+                               {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+                        for name, m in gm.named_modules(remove_duplicate=False)}
+
+    def restore(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self.weights.restore()
+        for m, params, buffers, children, tensors in self.modules.values():
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._modules.clear()
+            m._modules.update(children)
+            for k in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k not in tensors]:
+                delattr(m, k)
+            for k, v in tensors.items():
+                object.__setattr__(m, k, v)
+        gm.graph = self.graph  # the setter recompiles
+        return gm
 
 
-def _restore(snapshot: fx.GraphModule, weights: "WeightStore") -> fx.GraphModule:
-    weights.restore()
-    return snapshot
+def _snapshot(gm: fx.GraphModule, weights: "WeightStore") -> _Snapshot:
+    return _Snapshot(gm, weights)
+
+
+def _restore(snapshot: _Snapshot, gm: fx.GraphModule) -> fx.GraphModule:
+    return snapshot.restore(gm)
 
 
 class WeightStore:
@@ -213,6 +243,6 @@ class WeightStore:
                     t.copy_(value)
 
 
-def _graph_touched(gm: fx.GraphModule, snapshot: fx.GraphModule) -> bool:
+def _graph_touched(gm: fx.GraphModule, snapshot: _Snapshot) -> bool:
     # A pass that says "no change" but edited nodes anyway gets rolled back to keep the contract honest.
-    return len(gm.graph.nodes) != len(snapshot.graph.nodes)
+    return len(gm.graph.nodes) != snapshot.node_count

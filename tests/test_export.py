@@ -1,6 +1,7 @@
 """ONNX export: parity with torch through ONNX Runtime, provenance after the clean-up, certification, atomic writes."""
 from __future__ import annotations
 
+import ast
 import json
 
 import numpy as np
@@ -258,3 +259,25 @@ def test_exact_attention_corpus_is_certified(tmp_path, name):
     assert result.report.extra["export"]["parity_vs_original"] <= 1e-4
     assert result.certified is True, result.check.to_text(20)
     assert check_main([str(path), "--target", "trt-safe", "--format", "json", "-o", str(tmp_path / "r.json")]) == 0
+
+
+def test_converted_graph_is_translated_without_a_second_trace(converted_vit, tmp_path, monkeypatch):
+    """A converted GraphModule is lifted into an ExportedProgram as it is (no torch.export re-trace); the file matches
+    the one torch.export's trace gives: same ops in the same order, same parity, same module paths."""
+    model, x, ref, path, result = converted_vit
+    program = ex._lifted_program(result.module)
+    kinds = {s.kind.name for s in program.graph_signature.input_specs}
+    assert {"USER_INPUT", "PARAMETER"} <= kinds
+    assert len(program.graph_signature.user_inputs) == 1 and len(program.graph_signature.user_outputs) == 1
+
+    with monkeypatch.context() as patch:  # the fall-back: torch.export traces the converted graph again
+        patch.setattr(ex, "_lifted_program", lambda module: None)
+        traced = export_onnx(result.module, (x,), tmp_path / "traced.onnx", "trt-safe")
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("re-traced the converted graph"))
+    direct = export_onnx(result.module, (x,), tmp_path / "direct.onnx", "trt-safe")
+    assert direct.parity <= 1e-4 and direct.nodes == traced.nodes
+    a, b = onnx.load(tmp_path / "traced.onnx"), onnx.load(tmp_path / "direct.onnx")
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    paths = {p for n in b.graph.node if scopes(n) for p in ast.literal_eval(scopes(n))}
+    assert {"blocks.0.attn", "blocks.1.attn", "blocks.0.mlp.fc1", "blocks.1.norm2", "head"} <= paths
+    assert rel(ort_run(tmp_path / "direct.onnx", x), ref) <= 1e-4

@@ -158,3 +158,44 @@ def test_guard_run_records_the_same_shapes_as_fake_propagation():
             assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device), n.name
             compared += 1
     assert compared > 50
+
+
+class RewiresThenFails(GraphPass):
+    """Registers a buffer under a new submodule, reroutes the conv through it, drops the conv bias, then raises."""
+
+    id = "test_rewires_then_fails"
+    exact = True
+
+    def run(self, gm, ctx):
+        from attn2conv.graph import Builder, aten
+
+        conv = next(n for n in gm.graph.nodes if is_op(n, "aten.conv2d"))
+        b = Builder(gm, conv)
+        shift = b.call(aten.add.Tensor, conv.args[0], b.constant(torch.ones(1), "shift"))
+        conv.args = (shift, conv.args[1], None, *conv.args[3:])
+        from attn2conv.graph import cleanup
+
+        cleanup(gm)  # removes the now unread bias parameter from the module tree
+        raise RuntimeError("boom")
+
+
+def test_failed_pass_restores_graph_module_tree_and_weights_in_place():
+    from attn2conv.capture import capture
+    from attn2conv.guard import NumericGuard
+    from attn2conv.pass_infra import PassContext
+    from attn2conv.pipeline import run_pass
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = capture(model, x)
+    names = [n.name for n in gm.graph.nodes]
+    tensors = {k: v.clone() for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
+    modules = [k for k, _ in gm.named_modules()]
+    guard = NumericGuard.for_module(gm, (x,))
+    out, record = run_pass(RewiresThenFails(), gm, PassContext(example_inputs=(x,)), guard)
+    assert record.status == "failed" and "boom" in record.notes[0]
+    assert [n.name for n in out.graph.nodes] == names
+    assert [k for k, _ in out.named_modules()] == modules
+    restored = dict([*out.named_parameters(), *out.named_buffers()])
+    assert restored.keys() == tensors.keys() and all(torch.equal(restored[k], v) for k, v in tensors.items())
+    assert rel_error(out(x), model(x)) == 0.0
