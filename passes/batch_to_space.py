@@ -48,6 +48,7 @@ import torch.fx as fx
 
 from attn2conv.attention_match import constant_value, eliminate_dead_code, is_assert
 from attn2conv.graph import Builder, aten, compute_nodes, pair, replace_uses, shape, where
+from attn2conv.legality import batch_limit
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 # Ops that only move or select elements (applied to index tensors to compose index maps).
@@ -85,7 +86,7 @@ class BatchToSpace(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
-        limits = _batch_limits(ctx.profile)
+        limits = batch_limit(ctx.profile)
         if limits is None:
             result.notes.append("the target sets no batch limit")
             return result
@@ -110,15 +111,6 @@ class BatchToSpace(GraphPass):
         result.notes.append(f"{len(folder.compute_nodes)} ops on batch up to {folder.largest} rebuilt with the excess "
                             f"on a spatial axis (batch {batch}, limit {max_batch}); {len(left)} flagged tensors left")
         return result
-
-
-def _batch_limits(profile) -> tuple[int, int] | None:
-    best = None
-    for rule in profile.rules if profile is not None else ():
-        if rule.check == "tensor_dims_max" and str(rule.params.get("axes")) == "0" and rule.severity == "error":
-            cand = (int(rule.params["max"]), int(rule.params.get("min_rank", 1)))
-            best = cand if best is None or cand[0] < best[0] else best
-    return best
 
 
 def _model_batch(example_inputs) -> int:

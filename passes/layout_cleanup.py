@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape
+from attn2conv.legality import batch_limit
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 LAYOUT = {
@@ -68,6 +69,7 @@ class LayoutCleanup(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         self._forms: dict[tuple, list | None] = {}
+        self._lead = batch_limit(ctx.profile)  # (max, min rank): intermediates must not break the batch limit
         before = sum(is_layout(n) for n in gm.graph.nodes)
         chains = regions = 0
         for _ in range(MAX_SWEEPS):
@@ -96,7 +98,7 @@ class LayoutCleanup(GraphPass):
                 continue
             sig = _signature(chain, xs)  # the same chain is met again in every sweep
             if sig not in self._forms:
-                self._forms[sig] = express(xs, ys, LayoutMap(chain, xs))
+                self._forms[sig] = self._express_chain(chain, xs, ys)
             form = self._forms[sig]
             if form is None or len(form) >= len(chain):
                 continue
@@ -104,6 +106,21 @@ class LayoutCleanup(GraphPass):
             replace_uses(node, new)
             changed += 1
         return changed
+
+    def _express_chain(self, chain: list[fx.Node], xs, ys) -> list[tuple] | None:
+        """The shortest form of the chain whose intermediates keep axis 0 within the target's batch limit; a form
+        that breaks it only where the chain itself already did is taken when there is no other (MViTv2's pooled
+        q/k/v: (B*heads, C, H, W) -> (B, C, heads, H*W) is reshape + permute, not permute [1, 0, 2, 3] + reshape)."""
+        m = LayoutMap(chain, xs)
+        if self._lead is None:
+            return express(xs, ys, m)
+        form = express(xs, ys, m, self._lead)
+        if form is None:
+            form = express(xs, ys, m)
+            if form is not None and _over_lead(_intermediates(xs, form), self._lead) > \
+                    _over_lead([shape(n) for n in chain[:-1]], self._lead):
+                return None
+        return form
 
     # --- 2. element-wise regions -----------------------------------------------------------------------------------
     def _sink_regions(self, gm: fx.GraphModule) -> int:
@@ -193,7 +210,7 @@ class LayoutCleanup(GraphPass):
 
     def _rewrite(self, gm, region, members, plan, xs, ys, fwd) -> None:
         clones: dict[fx.Node, fx.Node] = {}
-        form = express(xs, ys, fwd)
+        form = (self._lead and express(xs, ys, fwd, self._lead)) or express(xs, ys, fwd)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for e in sorted(region, key=order.get):
             b = Builder(gm, e)
@@ -328,17 +345,33 @@ def _strided_key(chain: list[fx.Node], xs: tuple[int, ...]) -> tuple | None:
     return _key(t.shape, t.stride(), t.storage_offset())
 
 
-def express(xs, ys, idx: "LayoutMap | torch.Tensor") -> list[tuple] | None:
-    """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout."""
+def express(xs, ys, idx: "LayoutMap | torch.Tensor", lead: tuple[int, int] | None = None) -> list[tuple] | None:
+    """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout.
+    With `lead` = (max, min rank), only forms whose intermediate has axis 0 <= max (or rank < min rank)."""
     xs, ys = tuple(xs), tuple(ys)
+    ok = (lambda s: _over_lead([s], lead) == 0) if lead is not None else (lambda s: True)
     if isinstance(idx, LayoutMap):
         if idx.key is None:
-            return _express_tensor(xs, ys, idx.tensor())
-        return _express_strided(xs, ys, idx)
-    return _express_tensor(xs, ys, idx)
+            return _express_tensor(xs, ys, idx.tensor(), ok)
+        return _express_strided(xs, ys, idx, ok)
+    return _express_tensor(xs, ys, idx, ok)
 
 
-def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
+def _over_lead(shapes, lead: tuple[int, int]) -> int:
+    """How many of `shapes` break the batch limit `lead` = (max, min rank)."""
+    return sum(1 for s in shapes if s is not None and len(s) >= lead[1] and s[0] > lead[0])
+
+
+def _intermediates(xs, form: list[tuple]) -> list[tuple]:
+    """The shapes between the ops of a two-op form."""
+    out, cur = [], tuple(xs)
+    for op, val in form[:-1]:
+        cur = tuple(val) if op == "reshape" else tuple(cur[i] for i in val)
+        out.append(cur)
+    return out
+
+
+def _express_strided(xs, ys, m: LayoutMap, ok=lambda s: True) -> list[tuple] | None:
     """`_express_tensor` on strided keys: the same candidates in the same order, so the same answer."""
     if m.is_identity():
         return [] if xs == ys else [("reshape", list(ys))]
@@ -350,21 +383,21 @@ def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
                 return [("permute", list(p))]
     if len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
-            if _view_key([xs[i] for i in p], [base[i] for i in p], ys) == m.key:
+            if ok([xs[i] for i in p]) and _view_key([xs[i] for i in p], [base[i] for i in p], ys) == m.key:
                 return [("permute", list(p)), ("reshape", list(ys))]
     if len(ys) <= 6:
         for p in itertools.permutations(range(len(ys))):
             mid = [0] * len(ys)
             for i, d in enumerate(p):
                 mid[d] = ys[i]
-            if math.prod(mid) == n:
+            if math.prod(mid) == n and ok(mid):
                 mid_strides = _contiguous_strides(mid)
                 if _key([mid[d] for d in p], [mid_strides[d] for d in p]) == m.key:
                     return [("reshape", mid), ("permute", list(p))]
     return None
 
 
-def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
+def _express_tensor(xs, ys, idx: torch.Tensor, ok=lambda s: True) -> list[tuple] | None:
     flat = idx.flatten()
     base = torch.arange(flat.numel())
     if torch.equal(flat, base):
@@ -392,7 +425,7 @@ def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
     if len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
             # permute then reshape keeps the permuted tensor's flat order
-            if not plausible([xs[i] for i in p], [strides[i] for i in p]):
+            if not ok([xs[i] for i in p]) or not plausible([xs[i] for i in p], [strides[i] for i in p]):
                 continue
             t = a.permute(p)
             if torch.equal(t.reshape(ys), idx):
@@ -402,7 +435,7 @@ def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
             mid = [0] * len(ys)
             for i, d in enumerate(p):
                 mid[d] = ys[i]
-            if math.prod(mid) == flat.numel():
+            if math.prod(mid) == flat.numel() and ok(mid):
                 mid_strides = _contiguous_strides(mid)
                 if not plausible([mid[d] for d in p], [mid_strides[d] for d in p]):
                     continue
