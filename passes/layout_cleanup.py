@@ -28,7 +28,7 @@ import math
 import torch
 import torch.fx as fx
 
-from attn2conv.graph import Builder, aten, get_constant, replace_uses, shape
+from attn2conv.graph import Builder, aten, express_index_map, get_constant, replace_uses, shape
 from attn2conv.legality import batch_limit
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
@@ -51,7 +51,7 @@ MAX_SWEEPS = 12
 
 def is_layout(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT and \
-        (node.target is not aten.clone.default or not node.kwargs.get("memory_format"))
+        (node.target is not aten.clone.default or node.kwargs.get("memory_format") in (None, torch.contiguous_format))
 
 
 def _meta(shape_, dtype) -> torch.Tensor:
@@ -99,28 +99,37 @@ class LayoutCleanup(GraphPass):
             sig = _signature(chain, xs)  # the same chain is met again in every sweep
             if sig not in self._forms:
                 self._forms[sig] = self._express_chain(chain, xs, ys)
-            form = self._forms[sig]
-            if form is None or len(form) >= len(chain):
+            form, fixes = self._forms[sig]
+            if form is None or (len(form) >= len(chain) and not fixes):
                 continue
             new = _build(gm, node, src, form, node.meta["val"].dtype)
             replace_uses(node, new)
             changed += 1
         return changed
 
-    def _express_chain(self, chain: list[fx.Node], xs, ys) -> list[tuple] | None:
-        """The shortest form of the chain whose intermediates keep axis 0 within the target's batch limit; a form
-        that breaks it only where the chain itself already did is taken when there is no other (MViTv2's pooled
-        q/k/v: (B*heads, C, H, W) -> (B, C, heads, H*W) is reshape + permute, not permute [1, 0, 2, 3] + reshape)."""
+    def _express_chain(self, chain: list[fx.Node], xs, ys) -> tuple[list[tuple] | None, bool]:
+        """(the shortest form of the chain whose intermediates keep axis 0 within the target's batch limit, whether
+        it removes intermediates of the chain that break the limit: then it is taken even when not shorter).
+        MViTv2's pooled q/k/v, (B*heads, C, H, W) -> (B, C, heads, H*W), becomes reshape + permute, not
+        permute [1, 0, 2, 3] + reshape; MobileViT's unfold to patches, views of (B*C*nh, ph, nw, pw), becomes
+        reshape -> permute -> reshape. A form that breaks the limit only as often as the chain did is taken when
+        there is no other."""
         m = LayoutMap(chain, xs)
         if self._lead is None:
-            return express(xs, ys, m)
+            return express(xs, ys, m), False
+        over = _over_lead([shape(n) for n in chain[:-1]], self._lead)
         form = express(xs, ys, m, self._lead)
-        if form is None:
-            form = express(xs, ys, m)
-            if form is not None and _over_lead(_intermediates(xs, form), self._lead) > \
-                    _over_lead([shape(n) for n in chain[:-1]], self._lead):
-                return None
-        return form
+        if form is not None:
+            return form, over > 0
+        if over:
+            plan = express_index_map(xs, m.tensor(), self._lead[0])
+            if plan is not None and all(op != "slice" for op, *_ in plan) and \
+                    not _over_lead(_intermediates(xs, plan), self._lead):
+                return plan, True
+        form = express(xs, ys, m)
+        if form is not None and _over_lead(_intermediates(xs, form), self._lead) > over:
+            return None, False
+        return form, False
 
     # --- 2. element-wise regions -----------------------------------------------------------------------------------
     def _sink_regions(self, gm: fx.GraphModule) -> int:
@@ -363,7 +372,7 @@ def _over_lead(shapes, lead: tuple[int, int]) -> int:
 
 
 def _intermediates(xs, form: list[tuple]) -> list[tuple]:
-    """The shapes between the ops of a two-op form."""
+    """The shapes between the ops of a form."""
     out, cur = [], tuple(xs)
     for op, val in form[:-1]:
         cur = tuple(val) if op == "reshape" else tuple(cur[i] for i in val)
