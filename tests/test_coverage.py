@@ -151,21 +151,16 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("EfficientViT-MIT", "dla"): "dla-orin-8.6 rejects 4x MatMul (A2C-DLA-MATMUL-CONST)",
     ("EfficientViT-MSRA", "trt-safe"): "trt-safe-8.6 rejects 24x MatMul (A2C-SAFE-OP-MATMUL)",
     ("EfficientViT-MSRA", "dla"): "dla-orin-8.6 rejects 24x MatMul, 12x Softmax (A2C-DLA-MATMUL-CONST, A2C-DLA-SOFTMAX-AXIS)",
-    ("MobileViT", "trt-safe"): "trt-safe-8.6 rejects 6x Reshape, 5x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("MobileViTv2", "dla"): "dla-orin-8.6 rejects 6x Expand (A2C-DLA-OP-RESHAPE)",
     ("NextViT", "dla"): "dla-orin-8.6 rejects 3x AveragePool (A2C-DLA-CONV-2D, A2C-DLA-POOL-KERNEL)",
-    ("TinyViT", "trt-safe"): "trt-safe-8.6 rejects 1x Conv (A2C-SAFE-TENSOR-CHANNELS)",
     ("TinyViT", "dla"): "dla-orin-8.6 rejects 2x Conv, 1x Reshape (A2C-DLA-CONV-CHANNELS, A2C-DLA-TENSOR-DIM)",
     ("GCViT", "trt-safe"): "trt-safe-8.6 rejects 15x Reshape, 10x Conv, 10x Mul, 8x Transpose, 5x Squeeze, 4x Add, 4x Sigmoid, 4x Div, ...",
     ("GCViT", "dla"): "dla-orin-8.6 rejects 4x Unsqueeze, 4x Expand (A2C-DLA-OP-RESHAPE)",
     ("VOLO", "trt"): "trt-10 rejects 4x Col2Im (A2C-TRT-OP-UNSUPPORTED)",
     ("VOLO", "trt-safe"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/adapters/no_pre...",
     ("VOLO", "dla"): "ExportError: cannot convert the exported model to opset 17: /project/onnx/version_converter/adapters/no_pre...",
-    ("Hiera", "trt-safe"): "trt-safe-8.6 rejects 1x Transpose (A2C-SAFE-TENSOR-BATCH)",
-    ("MViTv2", "trt-safe"): "trt-safe-8.6 rejects 27x Transpose (A2C-SAFE-TENSOR-BATCH)",
     ("CrossViT", "dla"): "dla-orin-8.6 rejects 2x Unsqueeze, 1x Resize (A2C-DLA-RESIZE-MODE, A2C-DLA-OP-RESHAPE)",
     ("HF Swinv2", "dla"): "dla-orin-8.6 rejects 8x Sqrt (A2C-DLA-OP-UNARY)",
-    ("HF MobileViT", "trt-safe"): "trt-safe-8.6 rejects 6x Reshape, 5x Transpose (A2C-SAFE-TENSOR-BATCH)",
 }
 
 
