@@ -274,8 +274,6 @@ def to_channels_first(b: "Builder", x: fx.Node, xs: tuple[int, ...]):
     higher ranks fold the middle dims into N. The wrappers are the ones linear_to_conv emits, so consecutive ops'
     back/forth pairs are exact inverses that layout_cleanup cancels.
     """
-    import math
-
     rank, c = len(xs), xs[-1]
     if rank == 2:
         x4 = b.call(aten.reshape.default, x, [xs[0], c, 1, 1])
