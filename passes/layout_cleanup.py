@@ -18,6 +18,10 @@ This pass removes those pairs. Layout ops move elements and never change values,
    outputs that need a new L before a non-layout consumer; outputs read by layout ops count zero, since step 1 then
    cancels them. So conv -> P -> gelu -> P^-1 -> conv becomes conv -> gelu -> conv, and a ViT residual stream stays
    channels-first from the first LayerNorm to the last.
+3. Batch limit. Where the target limits axis 0 (trt-safe: 16 from rank 3), a composed form whose intermediate breaks
+   it is not used when another exists (MViTv2: reshape + permute, not permute [1, 0, 2, 3] + reshape), and a chain
+   that breaks it itself (MobileViT's (B*C*nh, ph, nw, pw) patch views) is re-expressed as reshape -> permute ->
+   reshape with small leading axes (`express_index_map`), even when that is not shorter.
 Introduces only aten.permute / aten.reshape (fewer than it removes). Run it last, and again after any pass that wraps.
 """
 from __future__ import annotations
