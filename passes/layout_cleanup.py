@@ -103,7 +103,9 @@ class LayoutCleanup(GraphPass):
             sig = _signature(chain, xs)  # the same chain is met again in every sweep
             if sig not in self._forms:
                 self._forms[sig] = self._express_chain(chain, xs, ys)
-            form, fixes = self._forms[sig]
+            form, fixes, cut = self._forms[sig]
+            if cut:  # only the part of the chain after chain[cut - 1] is re-expressed
+                src, chain = chain[cut - 1], chain[cut:]
             if form is None or (len(form) >= len(chain) and not fixes):
                 continue
             new = _build(gm, node, src, form, node.meta["val"].dtype)
@@ -120,20 +122,37 @@ class LayoutCleanup(GraphPass):
         there is no other."""
         m = LayoutMap(chain, xs)
         if self._lead is None:
-            return express(xs, ys, m), False
+            return express(xs, ys, m), False, 0
         over = _over_lead([shape(n) for n in chain[:-1]], self._lead)
-        form = express(xs, ys, m, self._lead)
-        if form is not None:
-            return form, over > 0
-        if over:
-            plan = express_index_map(xs, m.tensor(), self._lead[0])
-            if plan is not None and all(op != "slice" for op, *_ in plan) and \
-                    not _over_lead(_intermediates(xs, plan), self._lead):
-                return plan, True
+        fixed = self._within_lead(chain, xs, ys, m, over)
+        if fixed is not None:
+            return fixed, over > 0, 0
+        # the whole chain has no such form (Hiera's unroll: rank > 8): the longest tail that starts on a tensor
+        # within the limit and has one
+        for cut in range(1, len(chain) - 1) if over else ():
+            sub, sub_xs = chain[cut:], shape(chain[cut - 1])
+            sub_over = _over_lead([shape(n) for n in sub[:-1]], self._lead)
+            if sub_xs is None or not sub_over or _over_lead([sub_xs], self._lead):
+                continue
+            fixed = self._within_lead(sub, sub_xs, ys, LayoutMap(sub, sub_xs), sub_over)
+            if fixed is not None:
+                return fixed, True, cut
         form = express(xs, ys, m)
         if form is not None and _over_lead(_intermediates(xs, form), self._lead) > over:
-            return None, False
-        return form, False
+            return None, False, 0
+        return form, False, 0
+
+    def _within_lead(self, chain, xs, ys, m: "LayoutMap", over: int) -> list[tuple] | None:
+        """A form of the chain with no intermediate over the batch limit: two ops, or (when the chain has such
+        intermediates) reshape -> permute -> reshape."""
+        form = express(xs, ys, m, self._lead)
+        if form is not None or not over:
+            return form
+        plan = express_index_map(xs, m.tensor(), self._lead[0])
+        if plan is not None and all(op != "slice" for op, *_ in plan) and \
+                not _over_lead(_intermediates(xs, plan), self._lead):
+            return plan
+        return None
 
     # --- 2. element-wise regions -----------------------------------------------------------------------------------
     def _sink_regions(self, gm: fx.GraphModule) -> int:
