@@ -53,9 +53,17 @@ BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, at
 MAX_SWEEPS = 12
 
 
+# Clones with memory_format=contiguous_format (MobileViT's unfold) are value no-ops too; they join chains only on
+# targets with a batch limit, where chains through them must be re-expressed. Elsewhere graphs stay as they were
+# (on trt, composing through them grew Swin-T by 8 ONNX nodes).
+_CONTIGUOUS_CLONES = {"on": False}
+
+
 def is_layout(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT and \
-        (node.target is not aten.clone.default or node.kwargs.get("memory_format") in (None, torch.contiguous_format))
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT):
+        return False
+    fmt = node.kwargs.get("memory_format") if node.target is aten.clone.default else None
+    return not fmt or (_CONTIGUOUS_CLONES["on"] and fmt is torch.contiguous_format)
 
 
 def _meta(shape_, dtype) -> torch.Tensor:
@@ -74,6 +82,13 @@ class LayoutCleanup(GraphPass):
         result = PassResult(changed=False)
         self._forms: dict[tuple, list | None] = {}
         self._lead = batch_limit(ctx.profile)  # (max, min rank): intermediates must not break the batch limit
+        _CONTIGUOUS_CLONES["on"] = self._lead is not None
+        try:
+            return self._run(gm, result)
+        finally:
+            _CONTIGUOUS_CLONES["on"] = False
+
+    def _run(self, gm: fx.GraphModule, result: PassResult) -> PassResult:
         before = sum(is_layout(n) for n in gm.graph.nodes)
         chains = regions = 0
         for _ in range(MAX_SWEEPS):
