@@ -6,6 +6,7 @@ Passes use these so that every node they create keeps the link back to the user'
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Any, Iterable, Iterator
 
@@ -321,8 +322,6 @@ def to_channels_first(b: "Builder", x: fx.Node, xs: tuple[int, ...]):
     higher ranks fold the middle dims into N. The wrappers are the ones linear_to_conv emits, so consecutive ops'
     back/forth pairs are exact inverses that layout_cleanup cancels.
     """
-    import math
-
     rank, c = len(xs), xs[-1]
     if rank == 2:
         x4 = b.call(aten.reshape.default, x, [xs[0], c, 1, 1])
@@ -340,3 +339,136 @@ def to_channels_first(b: "Builder", x: fx.Node, xs: tuple[int, ...]):
         return y if rank == 3 else b.call(aten.reshape.default, y, [*xs[:-1], c2])
 
     return x4, back
+
+
+# --- index maps as reshape -> slice -> permute -> reshape ------------------------------------------------------------
+
+MAX_LAYOUT_RANK = 8  # ranks the exporters and TensorRT take for Reshape/Transpose
+
+def express_index_map(src_shape, idx: torch.Tensor, max_lead: int | None = None) -> list[tuple] | None:
+    """Ops ('reshape', shape) / ('slice', dim, start, end) / ('permute', dims) that turn a tensor of shape `src_shape`
+    into y with y = x.flatten()[idx] (idx: the flat source index of every output element); None if there is none.
+
+    The output's flat index is decomposed into mixed-radix digits, each an arithmetic run in the source (size r,
+    stride s). Sorted by stride, the digits factorise the source, with fixed 'gap' factors where a slice skips
+    elements. Digits are split at the axis boundaries of both shapes, so every factor lies inside one source axis and
+    one target axis: the intermediates' leading axes are factors of the source's or the target's leading axis (a
+    leading 1 is added when that is still above `max_lead`, e.g. a batch of 1 in front of channels). The plan is
+    checked by applying it to the source's indices."""
+    src_shape, tgt_shape = [int(v) for v in src_shape], [int(v) for v in idx.shape]
+    total = math.prod(src_shape)
+    m = idx.reshape(-1).long()
+    if m.numel() == 0 or m.numel() != math.prod(tgt_shape):
+        return None
+    offset = int(m[0])
+    # 1. digits of the target: (size, source stride, target axis), collected inner first
+    digits, tstride = [], 1
+    for ax in range(len(tgt_shape) - 1, -1, -1):
+        n = tgt_shape[ax]
+        if n > 1:
+            f = m[torch.arange(n) * tstride] - offset
+            blk = 1
+            while blk < n:
+                step, rest, best = int(f[blk]), n // blk, 1
+                if step <= 0:
+                    return None
+                for r in range(2, rest + 1):
+                    if rest % r:
+                        continue
+                    if not torch.equal(f[torch.arange(r) * blk], torch.arange(r) * step):
+                        break
+                    best = r
+                if best == 1:
+                    return None
+                digits.append((best, step, ax))
+                blk *= best
+        tstride *= n
+    # 2. split digits at the source's axis boundaries (inner first still)
+    bounds = sorted({math.prod(src_shape[a:]) for a in range(len(src_shape) + 1)})
+    split = []
+    for size, stride, ax in digits:
+        while True:
+            cut = next((p for p in bounds if stride < p < stride * size), None)
+            if cut is None:
+                split.append((size, stride, ax))
+                break
+            if cut % stride or size % (cut // stride):
+                return None
+            split.append((cut // stride, stride, ax))
+            size, stride = size // (cut // stride), cut
+    digits = split[::-1]  # outer to inner in target order: list position = target order
+    # 3. factorise the source by stride, inner first: digit factors and gap factors (fixed index)
+    factors = []  # dicts: size, digit (target-order position or None), lo (source stride of the factor)
+
+    def add_gaps(lo, hi):
+        for c in [p for p in bounds if lo < p < hi] + [hi]:
+            factors.append({"size": c // lo, "digit": None, "lo": lo})
+            lo = c
+
+    by_stride = sorted(range(len(digits)), key=lambda i: digits[i][1])
+    unit = 1
+    for pos, i in enumerate(by_stride):
+        size, stride, _ = digits[i]
+        if stride < unit or stride % unit:
+            return None
+        if stride > unit:
+            add_gaps(unit, stride)
+        nxt = digits[by_stride[pos + 1]][1] if pos + 1 < len(by_stride) else total
+        upper = min([p for p in bounds if p >= stride * size] + [nxt])
+        if upper < stride * size or upper % stride:
+            return None
+        factors.append({"size": upper // stride, "digit": i, "lo": stride})
+        unit = upper
+    if unit < total:
+        if total % unit:
+            return None
+        add_gaps(unit, total)
+    factors = factors[::-1]  # outer first
+    # 4. the offset, factor by factor; each factor keeps [start, start + length)
+    rem = offset
+    for f in reversed(factors):
+        f["start"], rem = rem % f["size"], rem // f["size"]
+        f["length"] = 1 if f["digit"] is None else digits[f["digit"]][0]
+        f["owner"] = next(a for a in range(len(src_shape)) if f["lo"] >= math.prod(src_shape[a + 1:]))
+        if f["start"] + f["length"] > f["size"]:
+            return None
+    if rem:
+        return None
+    # 5. merge neighbours that stay neighbours (same source and target axis, unsliced) to keep ranks low
+    merged = [factors[0]] if factors else []
+    for f in factors[1:]:
+        g = merged[-1]
+        if g["digit"] is not None and f["digit"] == g["digit"] + 1 and g["owner"] == f["owner"] and \
+                digits[g["digit"]][2] == digits[f["digit"]][2] and \
+                (g["start"], g["length"]) == (0, g["size"]) and (f["start"], f["length"]) == (0, f["size"]):
+            g["size"] *= f["size"]
+            g["length"] = g["size"]
+            continue
+        merged.append(f)
+    factors = merged
+    # 6. the plan: reshape to the factors, slice, permute to target order (gaps first), reshape to the target
+    fshape = [f["size"] for f in factors]
+    perm = [k for k, f in enumerate(factors) if f["digit"] is None] + \
+        sorted((k for k, f in enumerate(factors) if f["digit"] is not None), key=lambda k: factors[k]["digit"])
+    first_after = factors[perm[0]]["length"] if perm else 1
+    lead = int(max_lead is not None and bool(fshape) and (fshape[0] > max_lead or first_after > max_lead))
+    plan = []
+    if [1] * lead + fshape != src_shape:
+        plan.append(("reshape", [1] * lead + fshape))
+    for k, f in enumerate(factors):
+        if (f["start"], f["length"]) != (0, f["size"]):
+            plan.append(("slice", lead + k, f["start"], f["start"] + f["length"]))
+    perm = [0] * lead + [lead + p for p in perm]
+    if perm != list(range(len(perm))):
+        plan.append(("permute", perm))
+    now = [1] * lead + [f["length"] for f in factors]
+    if [now[p] for p in perm] != tgt_shape:
+        plan.append(("reshape", tgt_shape))
+    if any(op in ("reshape", "permute") and len(v[0]) > MAX_LAYOUT_RANK for op, *v in plan):
+        return None
+    # 7. proof
+    x = torch.arange(total).reshape(src_shape)
+    for op, *val in plan:
+        x = x.reshape(val[0]) if op == "reshape" else x.permute(val[0]) if op == "permute" else \
+            x.narrow(val[0], val[1], val[2] - val[1])
+    return plan if tuple(x.shape) == tuple(tgt_shape) and torch.equal(x, idx.long()) else None

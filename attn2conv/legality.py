@@ -149,3 +149,19 @@ def attr_max(profile, op: str, attr: str) -> int | None:
         if rule.check == "attr_range" and op in params.get("ops", ()) and params.get("attr") == attr and "max" in params:
             return int(params["max"])
     return None
+
+
+def batch_limit(profile) -> tuple[int, int] | None:
+    """(the profile's limit on axis 0 of activations, the lowest rank it applies to), or None (trt-safe: 16, rank 3)."""
+    return dim_limit(profile, 0)
+
+
+def dim_limit(profile, axis: int) -> tuple[int, int] | None:
+    """(the smallest error-severity `tensor_dims_max` limit on exactly axis `axis`, the lowest rank it applies to), or
+    None when the profile sets none (trt-safe: batch 16 and channels 4096, from rank 3)."""
+    best = None
+    for rule in getattr(profile, "rules", ()) if profile is not None else ():
+        if rule.check == "tensor_dims_max" and str(rule.params.get("axes")) == str(axis) and rule.severity == "error":
+            cand = (int(rule.params["max"]), int(rule.params.get("min_rank", 1)))
+            best = cand if best is None or cand[0] < best[0] else best
+    return best

@@ -24,8 +24,12 @@ consumer that now reads another view (a conv over (C, H, W) instead of (C, 1, N)
    a layout chain whose permute can move past them, the gather runs in the chain's source layout and the permute
    after it, where step 1 fuses it with the chain that follows (Swin: the shifted window partition of a
    channels-first LayerNorm output keeps one Transpose instead of two) or step 2 cancels it (the residual Add).
-Chains are written as at most reshape + permute + reshape (a permutation of the mixed-radix digits of the flat
-index, found from the index map's runs). Introduces only aten.permute / aten.reshape (fewer than it removes) and
+4. Batch limit. Where the target limits axis 0 (trt-safe: 16 from rank 3), a composed form whose intermediate breaks
+   it is not used when another exists (MViTv2: reshape + permute, not permute [1, 0, 2, 3] + reshape), and a chain
+   that breaks it itself (MobileViT's (B*C*nh, ph, nw, pw) patch views) is re-expressed as reshape -> permute ->
+   reshape with small leading axes (`express_index_map`), even when that is not shorter.
+Chains are written as at most reshape + permute + reshape (graph.express_index_map: a permutation of the digits of
+the flat index). Introduces only aten.permute / aten.reshape (fewer than it removes) and
 moves aten.slice / aten.cat. Run it last, and again after any pass that wraps.
 """
 from __future__ import annotations
@@ -36,7 +40,8 @@ import math
 import torch
 import torch.fx as fx
 
-from attn2conv.graph import Builder, arg, aten, get_constant, replace_uses, shape
+from attn2conv.graph import Builder, arg, aten, express_index_map, get_constant, replace_uses, shape
+from attn2conv.legality import batch_limit
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 LAYOUT = {
@@ -79,6 +84,10 @@ class LayoutCleanup(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         self._forms: dict[tuple, list | None] = {}
+        self._lead = batch_limit(ctx.profile)  # (max, min rank): intermediates must not break the batch limit
+        return self._run(gm, result)
+
+    def _run(self, gm: fx.GraphModule, result: PassResult) -> PassResult:
         before = sum(is_layout(n) for n in gm.graph.nodes)
         chains = regions = 0
         for _ in range(MAX_SWEEPS):
@@ -107,14 +116,57 @@ class LayoutCleanup(GraphPass):
                 continue
             sig = _signature(chain, xs)  # the same chain is met again in every sweep
             if sig not in self._forms:
-                self._forms[sig] = express(xs, ys, LayoutMap(chain, xs))
-            form = self._forms[sig]
-            if form is None or len(form) >= len(chain):
+                self._forms[sig] = self._express_chain(chain, xs, ys)
+            form, fixes, cut = self._forms[sig]
+            if cut:  # only the part of the chain after chain[cut - 1] is re-expressed
+                src, chain = chain[cut - 1], chain[cut:]
+            if form is None or (len(form) >= len(chain) and not fixes):
                 continue
             new = _build(gm, node, src, form, node.meta["val"].dtype)
             replace_uses(node, new)
             changed += 1
         return changed
+
+    def _express_chain(self, chain: list[fx.Node], xs, ys) -> tuple[list[tuple] | None, bool]:
+        """(the shortest form of the chain whose intermediates keep axis 0 within the target's batch limit, whether
+        it removes intermediates of the chain that break the limit: then it is taken even when not shorter).
+        MViTv2's pooled q/k/v, (B*heads, C, H, W) -> (B, C, heads, H*W), becomes reshape + permute, not
+        permute [1, 0, 2, 3] + reshape; MobileViT's unfold to patches, views of (B*C*nh, ph, nw, pw), becomes
+        reshape -> permute -> reshape. A form that breaks the limit only as often as the chain did is taken when
+        there is no other."""
+        m = LayoutMap(chain, xs)
+        if self._lead is None:
+            return express(xs, ys, m), False, 0
+        over = _over_lead([shape(n) for n in chain[:-1]], self._lead)
+        fixed = self._within_lead(chain, xs, ys, m, over)
+        if fixed is not None:
+            return fixed, over > 0, 0
+        # the whole chain has no such form (Hiera's unroll: rank > 8): the longest tail that starts on a tensor
+        # within the limit and has one
+        for cut in range(1, len(chain) - 1) if over else ():
+            sub, sub_xs = chain[cut:], shape(chain[cut - 1])
+            sub_over = _over_lead([shape(n) for n in sub[:-1]], self._lead)
+            if sub_xs is None or not sub_over or _over_lead([sub_xs], self._lead):
+                continue
+            fixed = self._within_lead(sub, sub_xs, ys, LayoutMap(sub, sub_xs), sub_over)
+            if fixed is not None:
+                return fixed, True, cut
+        form = express(xs, ys, m)
+        if form is not None and _over_lead(_intermediates(xs, form), self._lead) > over:
+            return None, False, 0
+        return form, False, 0
+
+    def _within_lead(self, chain, xs, ys, m: "LayoutMap", over: int) -> list[tuple] | None:
+        """A form of the chain with no intermediate over the batch limit: two ops, or (when the chain has such
+        intermediates) reshape -> permute -> reshape."""
+        form = express(xs, ys, m, self._lead)
+        if form is not None or not over:
+            return form
+        plan = express_index_map(xs, m.tensor(), self._lead[0])
+        if plan is not None and all(op != "slice" for op, *_ in plan) and \
+                not _over_lead(_intermediates(xs, plan), self._lead):
+            return plan
+        return None
 
     # --- 2. element-wise regions -----------------------------------------------------------------------------------
     def _sink_regions(self, gm: fx.GraphModule) -> int:
@@ -198,7 +250,7 @@ class LayoutCleanup(GraphPass):
             if z is not None:
                 ops.append(("inverse", z))
                 continue
-            rechain = _rechain(a, xs, fwd) if is_layout(a) else None
+            rechain = _rechain(a, xs, fwd, self._lead) if is_layout(a) else None
             if rechain is None:
                 return None
             ops.append(("rechain", *rechain))
@@ -208,7 +260,7 @@ class LayoutCleanup(GraphPass):
 
     def _rewrite(self, gm, region, members, plan, xs, ys, fwd) -> None:
         clones: dict[fx.Node, fx.Node] = {}
-        form = express(xs, ys, fwd)
+        form = (self._lead and express(xs, ys, fwd, self._lead)) or express(xs, ys, fwd)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for e in sorted(region, key=order.get):
             b = Builder(gm, e)
@@ -260,7 +312,7 @@ class LayoutCleanup(GraphPass):
             preferred = _sibling_permutes(c, ys)
             key = ("gather", _signature(chain, xs), tuple(preferred))
             if key not in self._forms:
-                self._forms[key] = _factor_permute(chain, xs, ys, preferred)
+                self._forms[key] = _factor_permute(chain, xs, ys, preferred, self._lead)
             found = self._forms[key]
             if found is None:
                 continue
@@ -317,7 +369,7 @@ def _permute_count(form) -> int:
     return sum(op == "permute" for op, _ in form)
 
 
-def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...]]):
+def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...]], lead=None):
     """(p, form) with chain(x) == permute(form(x), p), or None.
 
     A p in `preferred` (the layout an operand of the gather's consumer is already read in, see _sibling_permutes)
@@ -332,7 +384,7 @@ def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...
         inv = [0] * rank
         for i, q in enumerate(p):
             inv[q] = i
-        return express(xs, tuple(ys[q] for q in inv), LayoutMap([*chain, _Op(aten.permute.default, inv)], xs))
+        return express(xs, tuple(ys[q] for q in inv), LayoutMap([*chain, _Op(aten.permute.default, inv)], xs), lead)
 
     for p in preferred:
         form = factor(p)
@@ -479,83 +531,38 @@ def _strided_key(chain: list[fx.Node], xs: tuple[int, ...]) -> tuple | None:
     return _key(t.shape, t.stride(), t.storage_offset())
 
 
-def express(xs, ys, idx: "LayoutMap | torch.Tensor") -> list[tuple] | None:
-    """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout."""
+def express(xs, ys, idx: "LayoutMap | torch.Tensor", lead: tuple[int, int] | None = None) -> list[tuple] | None:
+    """Shortest list of ('reshape', shape) / ('permute', dims) ops mapping a tensor of shape xs to idx's layout.
+    With `lead` = (max, min rank), only forms whose intermediate has axis 0 <= max (or rank < min rank)."""
     xs, ys = tuple(xs), tuple(ys)
+    ok = (lambda s: _over_lead([s], lead) == 0) if lead is not None else (lambda s: True)
     if isinstance(idx, LayoutMap):
-        form = _express_tensor(xs, ys, idx.tensor()) if idx.key is None else _express_strided(xs, ys, idx)
-        if form is None and math.prod(xs) <= MAX_DIGIT_SEARCH:
-            form = _express_digits(xs, ys, idx.tensor())
-        return form
-    form = _express_tensor(xs, ys, idx)
-    if form is None and idx.numel() <= MAX_DIGIT_SEARCH:
-        form = _express_digits(xs, ys, idx)
+        form = _express_tensor(xs, ys, idx.tensor(), ok) if idx.key is None else _express_strided(xs, ys, idx, ok)
+        idx = idx.tensor() if form is None and math.prod(xs) <= MAX_DIGIT_SEARCH else None
+    else:
+        form = _express_tensor(xs, ys, idx, ok)
+    if form is None and idx is not None and idx.numel() <= MAX_DIGIT_SEARCH:
+        plan = express_index_map(xs, idx, lead[0] if lead is not None else None)
+        if plan is not None and all(op != "slice" for op, *_ in plan) and all(ok(s) for s in _intermediates(xs, plan)):
+            form = [(op, list(v[0])) for op, *v in plan]
     return form
 
 
-def _split_at_dims(digits: list[tuple[int, int]], xs, ys) -> list[tuple[int, int]]:
-    """Digits (size, source step; output order, innermost first) cut where a source or an output dim ends, so
-    that no reshaped dim spans two dims of either side (a merged (C * rows) leading dim would break batch rules)."""
-    src = set(_contiguous_strides(xs)) | {math.prod(xs)}
-    out = set(_contiguous_strides(ys)) | {math.prod(ys)}
-    result, unit = [], 1
-    for r, step in digits:
-        cuts = sorted({b // step for b in src if step < b < step * r and b % step == 0} |
-                      {b // unit for b in out if unit < b < unit * r and b % unit == 0})
-        cuts = [c for c in cuts if r % c == 0]
-        prev = 1
-        for c in cuts + [r]:
-            if c % prev == 0 and c > prev:
-                result.append((c // prev, step * prev))
-                prev = c
-        unit *= r
-    return result
+def _over_lead(shapes, lead: tuple[int, int]) -> int:
+    """How many of `shapes` break the batch limit `lead` = (max, min rank)."""
+    return sum(1 for s in shapes if s is not None and len(s) >= lead[1] and s[0] > lead[0])
 
 
-def _express_digits(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
-    """reshape + permute + reshape, when the map permutes the digits of some mixed-radix split of the flat index.
-
-    Walking the output's flat order, each digit is a maximal run of equal steps in the source index (innermost
-    first); the runs, ordered by step, must tile the source (steps 1, r0, r0*r1, ...). Swin's window reverse from
-    channels-first windows to a channels-first image, (C, nh*nw, wh*ww) -> (C, nh*wh, nw*ww), is one such map."""
-    flat = idx.flatten()
-    n, digits, unit = flat.numel(), [], 1
-    while unit < n:
-        runs = flat[::unit] - flat[0]
-        step = int(runs[1])
-        bad = (runs != torch.arange(runs.numel()) * step).nonzero()
-        r = int(bad[0]) if bad.numel() else runs.numel()
-        while r > 1 and runs.numel() % r:
-            r -= 1
-        if r <= 1 or step <= 0:
-            return None
-        digits.append((r, step))
-        unit *= r
-    digits = _split_at_dims(digits, xs, ys)
-    if xs[0] == 1 and ys[0] == 1:  # keep the batch axis in front (trt-safe and DLA bound dim 0 of every tensor)
-        digits.append((1, n))
-    order = sorted(range(len(digits)), key=lambda i: digits[i][1])  # source digits, innermost first
-    acc = 1
-    for i in order:
-        if digits[i][1] != acc:
-            return None
-        acc *= digits[i][0]
-    if len(digits) > 6:
-        return None
-    mid = [digits[i][0] for i in reversed(order)]
-    place = {i: len(order) - 1 - k for k, i in enumerate(order)}
-    perm = [place[i] for i in reversed(range(len(digits)))]
-    if not torch.equal(torch.arange(n).reshape(mid).permute(perm).reshape(ys), idx.reshape(ys)):
-        return None
-    form = [] if list(xs) == mid else [("reshape", mid)]
-    if perm != sorted(perm):
-        form.append(("permute", perm))
-    if [mid[i] for i in perm] != list(ys):
-        form.append(("reshape", list(ys)))
-    return form
+def _intermediates(xs, form: list[tuple]) -> list[tuple]:
+    """The shapes between the ops of a form."""
+    out, cur = [], tuple(xs)
+    for op, val in form[:-1]:
+        cur = tuple(val) if op == "reshape" else tuple(cur[i] for i in val)
+        out.append(cur)
+    return out
 
 
-def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
+def _express_strided(xs, ys, m: LayoutMap, ok=lambda s: True) -> list[tuple] | None:
     """`_express_tensor` on strided keys: the same candidates in the same order, so the same answer."""
     if m.is_identity():
         return [] if xs == ys else [("reshape", list(ys))]
@@ -567,21 +574,21 @@ def _express_strided(xs, ys, m: LayoutMap) -> list[tuple] | None:
                 return [("permute", list(p))]
     if len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
-            if _view_key([xs[i] for i in p], [base[i] for i in p], ys) == m.key:
+            if ok([xs[i] for i in p]) and _view_key([xs[i] for i in p], [base[i] for i in p], ys) == m.key:
                 return [("permute", list(p)), ("reshape", list(ys))]
     if len(ys) <= 6:
         for p in itertools.permutations(range(len(ys))):
             mid = [0] * len(ys)
             for i, d in enumerate(p):
                 mid[d] = ys[i]
-            if math.prod(mid) == n:
+            if math.prod(mid) == n and ok(mid):
                 mid_strides = _contiguous_strides(mid)
                 if _key([mid[d] for d in p], [mid_strides[d] for d in p]) == m.key:
                     return [("reshape", mid), ("permute", list(p))]
     return None
 
 
-def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
+def _express_tensor(xs, ys, idx: torch.Tensor, ok=lambda s: True) -> list[tuple] | None:
     flat = idx.flatten()
     base = torch.arange(flat.numel())
     if torch.equal(flat, base):
@@ -609,7 +616,7 @@ def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
     if len(xs) <= 6:
         for p in itertools.permutations(range(len(xs))):
             # permute then reshape keeps the permuted tensor's flat order
-            if not plausible([xs[i] for i in p], [strides[i] for i in p]):
+            if not ok([xs[i] for i in p]) or not plausible([xs[i] for i in p], [strides[i] for i in p]):
                 continue
             t = a.permute(p)
             if torch.equal(t.reshape(ys), idx):
@@ -619,7 +626,7 @@ def _express_tensor(xs, ys, idx: torch.Tensor) -> list[tuple] | None:
             mid = [0] * len(ys)
             for i, d in enumerate(p):
                 mid[d] = ys[i]
-            if math.prod(mid) == flat.numel():
+            if math.prod(mid) == flat.numel() and ok(mid):
                 mid_strides = _contiguous_strides(mid)
                 if not plausible([mid[d] for d in p], [mid_strides[d] for d in p]):
                     continue
@@ -679,7 +686,7 @@ def _existing_inverse(a: fx.Node, xs, fwd: LayoutMap) -> fx.Node | None:
     return None
 
 
-def _rechain(a: fx.Node, xs, fwd: LayoutMap) -> tuple[fx.Node, list[tuple]] | None:
+def _rechain(a: fx.Node, xs, fwd: LayoutMap, lead=None) -> tuple[fx.Node, list[tuple]] | None:
     """(s, form) with L(form(s)) == a, where a = chain(s) is a layout chain and form has no more permutes than the
     chain: the operand joins the region in the source layout at no extra cost (Swin's window reverse feeding a
     residual Add: windows -> image channels-first is one Transpose, like windows -> image channels-last)."""
@@ -689,7 +696,7 @@ def _rechain(a: fx.Node, xs, fwd: LayoutMap) -> tuple[fx.Node, list[tuple]] | No
         return None  # never into a layout with a longer leading dim (windows): trt-safe and DLA bound dim 0
     wanted = torch.empty(n, dtype=torch.int64)
     wanted[fwd.tensor().flatten()] = index_map(chain, shape(src)).flatten()  # t with L(t) = a, as src indices
-    form = express(shape(src), xs, wanted.reshape(xs))
+    form = express(shape(src), xs, wanted.reshape(xs), lead)
     have = sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
     if form is None or _permute_count(form) > have:
         return None

@@ -3,7 +3,9 @@
     x (B, N, C) --permute(0,2,1)--> (B, C, N) --unsqueeze(2)--> (B, C, 1, N) --conv1x1(W[:, :, None, None], b)-->
       (B, C', 1, N) --squeeze(2)--> (B, C', N) --permute(0,2,1)--> (B, N, C')
 
-(B, C) inputs (class token, pooled features) are viewed as (B, C, 1, 1): a class token needs no spatial grid.
+(B, C) inputs (class token, pooled features) are viewed as (B, C, 1, 1): a class token needs no spatial grid. Where
+the target limits channels (trt-safe: 4096 from rank 3) and C' exceeds it (TinyViT's 21841-class head), the conv is
+split along its output channels into convs of at most the limit, each viewed back as (B, C'_i), concatenated (rank 2).
 (B, H, W, C) inputs (ConvNeXt-style channels-last MLPs) are permuted to (B, C, H, W) and back. Higher ranks fold the
 middle dims into N. The permutes around consecutive linears are inverse pairs that the layout clean-up can cancel.
 The conv weight is the Linear weight viewed as (C', C, 1, 1), registered under the Linear's module path.
@@ -15,6 +17,7 @@ import math
 import torch.fx as fx
 
 from attn2conv.graph import Builder, aten, get_constant, nodes_of, replace_uses, shape
+from attn2conv.legality import dim_limit
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 
@@ -28,6 +31,7 @@ class LinearToConv(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
+        self._max_channels = dim_limit(ctx.profile, 1)
         for node in nodes_of(gm, "aten.linear"):
             result.tally(node, self._rewrite(gm, node))
         return result
@@ -44,7 +48,20 @@ class LinearToConv(GraphPass):
         weight = b.constant(w.reshape(c_out, c_in, 1, 1), "conv_weight", trainable=True) if w is not None else \
             b.call(aten.reshape.default, w_node, [c_out, c_in, 1, 1])
         rank = len(xs)
-        if rank == 2:  # (B, C) -> (B, C, 1, 1)
+        limit = self._max_channels[0] if self._max_channels and self._max_channels[1] <= 4 else None
+        if rank == 2 and w is not None and limit and c_out > limit:  # (B, C) -> k convs of <= limit channels
+            bias = get_constant(gm, b_node) if isinstance(b_node, fx.Node) else None
+            if b_node is not None and bias is None:
+                return f"{c_out} output channels over the target's {limit}, with a computed bias"
+            x4 = b.call(aten.reshape.default, x, [xs[0], c_in, 1, 1])
+            parts = []
+            for lo in range(0, c_out, limit):
+                hi = min(lo + limit, c_out)
+                wk = b.constant(w[lo:hi].reshape(hi - lo, c_in, 1, 1), "conv_weight", trainable=True)
+                bk = b.constant(bias[lo:hi], "conv_bias", trainable=True) if bias is not None else None
+                parts.append(b.call(aten.reshape.default, b.call(aten.conv2d.default, x4, wk, bk), [xs[0], hi - lo]))
+            y = b.call(aten.cat.default, parts, 1)
+        elif rank == 2:  # (B, C) -> (B, C, 1, 1)
             x4 = b.call(aten.reshape.default, x, [xs[0], c_in, 1, 1])
             y4 = b.call(aten.conv2d.default, x4, weight, b_node)
             y = b.call(aten.reshape.default, y4, [xs[0], c_out])

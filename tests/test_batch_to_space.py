@@ -10,7 +10,7 @@ import torch
 import attn2conv
 from attn2conv.graph import shape
 from attn2conv.legality import op_counts
-from attn2conv.passes.batch_to_space import express_index_map
+from attn2conv.graph import express_index_map
 
 from conftest import rel_error
 

@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 import torch.fx as fx
@@ -174,3 +175,85 @@ def test_swin_shifted_blocks_keep_the_residual_stream_channels_first():
                                                                                        "layers.0.blocks.1")]
     assert len(adds) == 4 and all(tuple(n.meta["val"].shape)[1] == 32 for n in adds)  # channels on dim 1
     assert rel_error(gm(x), model(x)) <= 1e-5
+
+
+# --- the target's batch limit (trt-safe: axis 0 <= 16) --------------------------------------------------------------
+
+class PooledHeads(torch.nn.Module):
+    """MViTv2's pooled attention input: heads on the batch axis for a depthwise pool, then LayerNorm over the head
+    dim. Composed naively, (heads, d, H, W) -> (1, d, heads, H*W) is permute [1, 0, 2, 3] (axis 0 = d = 24) + reshape."""
+
+    def __init__(self, heads=4, d=24):
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.pool = torch.nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):  # x: (1, heads, 64, d)
+        t = x.reshape(self.heads, 8, 8, self.d).permute(0, 3, 1, 2)
+        t = self.pool(t).reshape(1, self.heads, self.d, 64).transpose(2, 3)
+        return self.proj(self.norm(t))
+
+
+class PatchUnfold(torch.nn.Module):
+    """MobileViT's unfold to patches and fold back: views of shape (B*C*nh, ph, nw, pw), batch 16*4 = 64."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.c = c
+        self.inp, self.out = torch.nn.Conv2d(3, c, 1), torch.nn.Conv2d(c, c, 1)
+        self.mix = torch.nn.Linear(c, c)
+
+    def forward(self, x):  # x: (1, 3, 8, 8); patches 2x2, 4x4 of them
+        b, c = 1, self.c
+        t = self.inp(x).reshape(b * c * 4, 2, 4, 2).transpose(1, 2)
+        t = t.reshape(b, c, 16, 4).transpose(1, 3).reshape(b * 4, 16, c)
+        t = self.mix(t)
+        t = t.contiguous().view(b, 4, 16, c).transpose(1, 3).reshape(b * c * 4, 4, 2, 2)
+        t = t.transpose(1, 2).reshape(b, c, 8, 8)
+        return self.out(t)
+
+
+def _over_batch(gm, limit=16):
+    from attn2conv.graph import compute_nodes, shape
+
+    return [(n.name, shape(n)) for n in compute_nodes(gm) if shape(n) and len(shape(n)) >= 3 and shape(n)[0] > limit]
+
+
+@pytest.mark.parametrize("net,x", [(PooledHeads(), torch.randn(1, 4, 64, 24)),
+                                   (PatchUnfold(), torch.randn(1, 3, 8, 8))], ids=["mvit_pooled", "mobilevit_unfold"])
+def test_composed_chains_keep_the_batch_axis_within_the_limit(net, x, tmp_path):
+    from attn2conv.coverage import run_target
+
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)
+    tr = run_target(net, (x,), "trt-safe", tmp_path / "m.onnx")
+    assert tr.certified, tr.reason  # before: A2C-SAFE-TENSOR-BATCH on a Transpose / Reshape
+    assert tr.rel_error <= 1e-5 and tr.parity <= 1e-5
+    result = attn2conv.convert(net, "trt-safe", x)
+    assert _over_batch(result.module) == []
+    assert rel_error(result.module(x), ref) <= 1e-5
+    # without a batch limit (trt) the shortest forms are kept, whatever their axis 0
+    assert attn2conv.convert(net, "trt", x).report.rel_error <= 1e-5
+
+
+def test_batch_limited_forms_agree_with_index_tensors():
+    import numpy as np
+
+    from attn2conv.passes.layout_cleanup import LayoutMap, _express_tensor, _intermediates, express, index_map
+
+    rng = np.random.default_rng(1)
+    lead = (4, 3)
+    found = 0
+    for _ in range(300):
+        xs = tuple(int(d) for d in rng.choice([2, 3, 4, 6], size=int(rng.integers(2, 5))))
+        chain, ys = _random_chain(rng, xs)
+        m, idx = LayoutMap(chain, xs), index_map(chain, xs)
+        form = express(xs, ys, m, lead)
+        assert form == _express_tensor(xs, ys, idx, lambda s: len(s) < 3 or s[0] <= 4)
+        if form:
+            found += 1
+            assert all(len(s) < 3 or s[0] <= 4 for s in _intermediates(xs, form))
+    assert found > 100
