@@ -369,6 +369,17 @@ def _permute_count(form) -> int:
     return sum(op == "permute" for op, _ in form)
 
 
+def _chain_permutes(chain: list[fx.Node]) -> int:
+    return sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
+
+
+def _inverse(p) -> list[int]:
+    inv = [0] * len(p)
+    for i, q in enumerate(p):
+        inv[q] = i
+    return inv
+
+
 def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...]], lead=None):
     """(p, form) with chain(x) == permute(form(x), p), or None.
 
@@ -378,12 +389,10 @@ def _factor_permute(chain: list[fx.Node], xs, ys, preferred: list[tuple[int, ...
     rank = len(ys)
     if rank > 6:
         return None
-    have = sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
+    have = _chain_permutes(chain)
 
     def factor(p):
-        inv = [0] * rank
-        for i, q in enumerate(p):
-            inv[q] = i
+        inv = _inverse(p)
         return express(xs, tuple(ys[q] for q in inv), LayoutMap([*chain, _Op(aten.permute.default, inv)], xs), lead)
 
     for p in preferred:
@@ -420,12 +429,9 @@ def _sibling_permutes(c: fx.Node, ys) -> list[tuple[int, ...]]:
                 continue
             for v in a.users:
                 if v.target in (aten.permute.default,) and len(v.args[1]) == len(ys):
-                    q = [d % len(ys) for d in v.args[1]]
-                    inv = [0] * len(q)
-                    for i, d in enumerate(q):
-                        inv[d] = i
-                    if tuple(inv) not in found:
-                        found.append(tuple(inv))
+                    inv = tuple(_inverse([d % len(ys) for d in v.args[1]]))
+                    if inv not in found:
+                        found.append(inv)
     return found
 
 
@@ -697,7 +703,7 @@ def _rechain(a: fx.Node, xs, fwd: LayoutMap, lead=None) -> tuple[fx.Node, list[t
     wanted = torch.empty(n, dtype=torch.int64)
     wanted[fwd.tensor().flatten()] = index_map(chain, shape(src)).flatten()  # t with L(t) = a, as src indices
     form = express(shape(src), xs, wanted.reshape(xs), lead)
-    have = sum(n.target in (aten.permute.default, aten.transpose.int, aten.t.default) for n in chain)
+    have = _chain_permutes(chain)
     if form is None or _permute_count(form) > have:
         return None
     return src, form
