@@ -122,7 +122,7 @@ def bench_model(name: str, repeats: int, target: str, workdir: Path, guard: str 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated timm model names")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--target", default="trt-safe")
     ap.add_argument("--guard", choices=("each", "final"), default=None, help="convert's guard mode (default: its own)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "convert.json"))

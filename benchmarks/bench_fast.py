@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 1024])  # 448 too with --sizes 224 448 1024
     ap.add_argument("--target", default="trt-safe")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=["deit_s", "deit_s_fast", "swin_t", "swin_t_fast"])
     ap.add_argument("--out", default=str(RESULTS))
