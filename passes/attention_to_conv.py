@@ -94,8 +94,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from attn2conv.attention_match import (AttentionMatch, constant_value, eliminate_dead_code, find_attention, is_assert,
-                                       replay_chain)
+from attn2conv.attention_match import (AttentionMatch, constant_value, eliminate_dead_code, find_attention, replay_chain)
 from attn2conv.graph import Builder, aten, replace_uses, shape, where
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 

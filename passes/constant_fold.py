@@ -10,7 +10,6 @@ larger than `max_elements` (option, default 2**24) are left in the graph. Introd
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch

@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.convmath import rsqrt_form, times_rsqrt
-from attn2conv.graph import Builder, arg, aten, get_constant, is_op, replace_uses, shape, to_channels_first, where
+from attn2conv.graph import Builder, arg, aten, get_constant, is_op, replace_uses, shape, to_channels_first
 from attn2conv.legality import onnx_cost
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 

@@ -16,7 +16,7 @@ import operator
 
 import torch.fx as fx
 
-from attn2conv.graph import Builder, aten, is_op, replace_uses, shape, where
+from attn2conv.graph import Builder, aten, is_op, replace_uses, shape
 from attn2conv.legality import onnx_cost
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 

@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import attn2conv
 
 
 def test_function_names_survive_submodule_imports():

@@ -14,7 +14,7 @@ import pytest
 from attn2conv.check import check
 from attn2conv.check.cli import main
 
-from _check_models import conv_net, init, model, unary, vi
+from _check_models import conv_net, init, model, vi
 from onnx import helper as h
 
 SARIF_SCHEMA = Path(__file__).parents[2] / "shared/data/sarif-schema-2.1.0.json"

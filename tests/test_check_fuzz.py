@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import onnx
 import pytest
 
 from attn2conv.check import InputError, check

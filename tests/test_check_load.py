@@ -13,7 +13,7 @@ from onnx import TensorProto as T
 from attn2conv.check import InputError, check
 from attn2conv.check.cli import main
 
-from _check_models import conv_net, init, model, unary, vi
+from _check_models import conv_net, model, unary, vi
 
 
 def _run(capsys, *argv):

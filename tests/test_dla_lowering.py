@@ -3,7 +3,6 @@ conv_stride_split, squeeze_to_reshape and concat_channel_axis, each exact on the
 dla preset certified (FP32 here; FP16/INT8 in test_precision.py)."""
 import math
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import timm

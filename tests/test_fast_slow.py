@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import timm
-import torch
 
 import attn2conv
 

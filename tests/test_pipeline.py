@@ -1,7 +1,6 @@
 import pytest
 import timm
 import torch
-import torch.fx as fx
 
 import attn2conv
 from attn2conv.errors import PipelineError

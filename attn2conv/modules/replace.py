@@ -40,13 +40,13 @@ import fnmatch
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from attn2conv.attention_match import AttentionMatch, find_attention
-from attn2conv.graph import copy_provenance, get_constant, is_op, module_path, shape, where
+from attn2conv.graph import copy_provenance, get_constant, is_op, shape, where
 
 FAST_META = "attn2conv_fast"  # node.meta key marking nodes a fast pass grafted (never matched again)
 CONV_KINDS = ("csa", "mhca")
