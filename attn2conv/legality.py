@@ -165,3 +165,19 @@ def dim_limit(profile, axis: int) -> tuple[int, int] | None:
             cand = (int(rule.params["max"]), int(rule.params.get("min_rank", 1)))
             best = cand if best is None or cand[0] < best[0] else best
     return best
+
+
+_SHAPE_CHECKS = ("tensor_dims_max", "tensor_rank_max", "tensor_batch_max", "tensor_volume_max")
+
+
+def shape_breaks_rules(profile, dims) -> str | None:
+    """The id of the first error-severity tensor rule of the profile (batch, channel, spatial, rank, volume limits)
+    that an activation of shape `dims` would break, or None. Uses the verifier's own rule functions."""
+    from attn2conv.check._rules import TENSOR_CHECKS
+
+    for rule in getattr(profile, "rules", ()) if profile is not None else ():
+        if rule.check not in _SHAPE_CHECKS or rule.severity != "error":
+            continue
+        if TENSOR_CHECKS[rule.check](None, list(dims), rule.params):
+            return rule.id
+    return None
