@@ -20,9 +20,11 @@ def test_erf_free_gelu_error_over_wide_range():
     y = result.module(x).double()[0]
     ref = torch.nn.functional.gelu(x.double())[0]
     err = (y[:-6] - ref[:-6]).abs().max().item()
-    assert err < 1e-6, err  # measured ~5e-7 (the tanh form is 4.7e-4)
-    # far tails: relu(x) exactly, no NaN/inf
-    assert torch.equal(y[-6:], torch.relu(tails).double())
+    torch_err = (torch.nn.functional.gelu(x)[0].double()[:-6] - ref[:-6]).abs().max().item()
+    assert err < 1e-6 and err < torch_err, (err, torch_err)  # measured 7.8e-7 vs torch's fp32 GELU 1.2e-6
+    # far tails: GELU's value (x or 0) to far below fp32 resolution, no NaN/inf where x^2 overflows
+    assert torch.isfinite(y[-6:]).all()
+    assert ((y[-6:] - ref[-6:]).abs() <= 1e-30 + 1e-7 * ref[-6:].abs()).all(), y[-6:]
 
 
 def test_vit_trt_safe_and_dla_have_no_erf():
