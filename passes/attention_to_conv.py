@@ -60,7 +60,9 @@ A one-head chunk is a group-1 conv; ORT converts group-1 convs whose input chann
 block (d = 32, 64) to its blocked layout and first copies the whole product into it (ReorderInput: 6-7 ms for a
 DeiT-S head whose product takes 0.4 ms). Such sums are done as two half-groups (groups=2, two outputs per head), and
 the halves of all heads are merged by one grouped conv of ones on S (or an Add for a single head); grouped convs with
-one output per group are never reordered.
+one output per group are never reordered. Where the keys are cut (a head exceeds the budget), Q*K instead takes two
+heads per chunk with half the keys (same product size): one output per head, no halves, no merge conv, and half
+the Concat volume (DeiT-S at 1M: per pair of heads, 5 chunks of 40 keys instead of 2 x 3 chunks of 66 keys).
 
 Batch axis: L[0] (B for ViTs; B*windows for Swin, whose window partition already puts windows on the batch axis).
 
@@ -208,7 +210,7 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
     q, k, v = _channels_first_qkv(b, match, batch, groups)  # see the module docstring
     plan = _Chunks.plan(batch, groups, m, n, max(d, dv), budget)
     weights = _Weights(b, match.scale, d, m)
-    s = _scores(b, weights, plan, q, k, d)  # (B, g, M, N)
+    s = _scores(b, weights, plan.for_scores(d, n, budget), q, k, d)  # (B, g, M, N)
     if bias is not None:
         s = b.call(aten.add.Tensor, s, bias)
     if keep_softmax:
@@ -249,6 +251,14 @@ class _Chunks:
             if gc * per_head <= budget:
                 return cls(batch, groups, m, 1, gc, m)
         return cls(batch, groups, m, 1, 1, max(1, min(m, budget // (depth * n))))
+
+    def for_scores(self, d: int, n: int, budget: int) -> "_Chunks":
+        """The cut for Q*K: this one, except that one head of d channels cut into key chunks becomes two heads per
+        chunk with half as many keys (same product size) where ONNX Runtime would reorder a one-head sum (see
+        _partial_sums): a grouped conv with one output per head sums them, no half sums, no merge."""
+        if self.heads != 1 or len(self.key_sizes()) == 1 or self.groups % 2 or not _reordered_by_ort(1, d):
+            return self
+        return _Chunks(self.batch, self.groups, self.m, self.images, 2, max(1, min(self.m, budget // (2 * d * n))))
 
     @property
     def count(self) -> int:

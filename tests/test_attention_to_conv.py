@@ -174,6 +174,22 @@ def test_one_head_chunk_sums_halves_to_keep_ort_off_nchwc():
     assert all(not (n.args[6] == 1 and n.args[0].meta["val"].shape[1] % 8 == 0) for n in convs)
 
 
+def test_key_chunked_scores_take_two_heads_per_chunk_instead_of_half_sums():
+    """Where one head no longer fits the budget (keys cut), Q*K takes two heads per chunk with half the keys: each
+    chunk is summed by a two-group conv with one output per head (never reordered by ONNX Runtime), so no half sums
+    and no merge conv; the values side keeps one head per chunk (a head's keys are contiguous channels there)."""
+    model, x = Sdpa(dim=64, heads=4).eval(), torch.randn(1, 9, 64)
+    budget = 16 * 9 * 9 // 2  # half a head
+    gm, result = assert_exact(model, x, max_broadcast_elems=budget)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    score_sums = [n for n in convs if n.args[0].meta["val"].shape[1] == 2 * 16]  # (1, 2 heads x d, keys, N)
+    assert score_sums and all(n.args[6] == 2 and n.meta["val"].shape[1] == 2 for n in score_sums)
+    assert not [n for n in convs if n.args[0].meta["val"].shape[1] == 2 * 4]  # no merge of 2 half sums x 4 heads
+    products = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor and n.meta["val"].dim() == 4
+                and n.meta["val"].shape[-2] > 1 and n.meta["val"].shape[-1] == 9]
+    assert products and max(n.meta["val"].numel() for n in products) <= budget
+
+
 def test_trt_target_left_alone():
     _, gm, result = run_pass(Sdpa().eval(), torch.randn(1, 9, 16), target="trt")
     assert not result.changed and "accepts MatMul" in result.notes[0]
