@@ -9,7 +9,9 @@ Variants, exported with attn2conv.export.export_onnx (torch.onnx dynamo) and run
   converted       attn2conv.convert(model, target="trt-safe"): the whole exact pipeline (conv-only model)
 Latency: after warm-up, `--repeats` rounds; in each round every variant runs `--iters` times and the round's median
 is kept; the reported figure is the median over rounds (rounds interleave the variants, so load from other processes
-hits all of them alike). Peak memory: the peak RSS of a fresh process that loads the ONNX file into an ORT session and
+hits all of them alike). Paired ratio: each iteration runs every variant back to back; the median over iterations of
+(variant time / the original's time in the same iteration), steadier when the machine's speed drifts. Noise control:
+a second session of the original, measured the same way (its paired ratio should be 1.00; its spread is the noise). Peak memory: the peak RSS of a fresh process that loads the ONNX file into an ORT session and
 runs it three times (VmHWM), minus the same process's RSS before the session was created.
 With --op-profile, ONNX Runtime's profiler also gives the time per ONNX op type of each variant (mean per run).
 Results go to benchmarks/results/attention.json, one entry per model (random weights: pretrained=False). The target
@@ -130,19 +132,28 @@ def _bench_model(args, model_name: str) -> None:
         err = float(np.abs(out - reference).max() / np.abs(reference).max())
         variants[name] = {"rel_error_vs_torch": err, "nodes": _node_count(path)}
 
+    # A second session of the original model is the noise control: its ratio to the first shows how far two runs of
+    # the same graph drift apart on this machine (the VM's memory bandwidth varies over minutes).
+    sessions["original (control)"] = _session(paths["original"], args.threads)
     feeds = {n: {s.get_inputs()[0].name: x.numpy()} for n, s in sessions.items()}
     for name, sess in sessions.items():
         for _ in range(args.warmup):
             sess.run(None, feeds[name])
     rounds: dict[str, list[float]] = {n: [] for n in sessions}
+    paired: dict[str, list[float]] = {n: [] for n in sessions}  # per iteration, over the original's run next to it
     for _ in range(args.repeats):
-        for name, sess in sessions.items():
-            times = []
-            for _ in range(args.iters):
+        times: dict[str, list[float]] = {n: [] for n in sessions}
+        for _ in range(args.iters):
+            for name, sess in sessions.items():
                 t0 = time.perf_counter()
                 sess.run(None, feeds[name])
-                times.append(time.perf_counter() - t0)
-            rounds[name].append(statistics.median(times) * 1e3)
+                times[name].append(time.perf_counter() - t0)
+        for name in sessions:
+            rounds[name].append(statistics.median(times[name]) * 1e3)
+            paired[name] += [t / t0 for t, t0 in zip(times[name], times["original"])]
+    control = sorted(paired.pop("original (control)"))
+    rounds.pop("original (control)")
+    sessions.pop("original (control)")
     load = os.getloadavg()
     for name in sessions:
         v = variants[name]
@@ -157,8 +168,11 @@ def _bench_model(args, model_name: str) -> None:
 
             v["op_time_ms"] = ort_op_profile(paths[name], feeds[name], args.threads, 3, str(tmp))
     base = variants["original"]["latency_ms_median"]
-    for v in variants.values():
+    for name, v in variants.items():
         v["latency_vs_original"] = v["latency_ms_median"] / base
+        ratios = sorted(paired[name])
+        v["paired_ratio_median"] = statistics.median(ratios)
+        v["paired_ratio_iqr"] = [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
 
     import onnxruntime
 
@@ -169,6 +183,8 @@ def _bench_model(args, model_name: str) -> None:
         "cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
         "load_average_during_timing": load, "repeats": args.repeats, "iters_per_round": args.iters,
         "target_converted_vs_original": 2.0, "variants": variants, "notes": notes, "remaining_illegal_ops": illegal,
+        "noise_control_paired_ratio": {"median": statistics.median(control),
+                                       "iqr": [control[len(control) // 4], control[(3 * len(control)) // 4]]},
     }
     out_path = Path(args.out)
     existing = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -177,7 +193,11 @@ def _bench_model(args, model_name: str) -> None:
     print(f"{model_name} (load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, {args.threads} threads)")
     for name, v in variants.items():
         print(f"  {name:15s} {v['latency_ms_median']:8.2f} ms  x{v['latency_vs_original']:.2f}  "
-              f"+{v['session_growth_mib']:.0f} MiB  rel.err {v['rel_error_vs_torch']:.1e}  {v['nodes']} nodes")
+              f"(paired x{v['paired_ratio_median']:.2f})  +{v['session_growth_mib']:.0f} MiB  "
+              f"rel.err {v['rel_error_vs_torch']:.1e}  {v['nodes']} nodes")
+    noise = result["noise_control_paired_ratio"]
+    print(f"  noise control: the original against a second session of itself, paired x{noise['median']:.3f} "
+          f"(IQR {noise['iqr'][0]:.3f}-{noise['iqr'][1]:.3f})")
 
 
 def _node_count(path: str) -> int:
