@@ -181,3 +181,19 @@ def shape_breaks_rules(profile, dims) -> str | None:
         if TENSOR_CHECKS[rule.check](None, list(dims), rule.params):
             return rule.id
     return None
+
+
+def concat_axis_rule(profile) -> dict | None:
+    """The params of the profile's error-severity rule on Concat's axis (check 'axis_in'; DLA: channel axis only)."""
+    for r in getattr(profile, "rules", ()) if profile is not None else ():
+        if r.check == "axis_in" and "Concat" in r.params.get("ops", ()) and r.severity == "error":
+            return r.params
+    return None
+
+
+def concat_axis_legal(rule: dict | None, axis: int, rank: int) -> bool:
+    """Whether a Concat along `axis` of rank-`rank` tensors keeps `rule` (see concat_axis_rule)."""
+    if rule is None:
+        return True
+    needed = rule.get("rank")
+    return axis % rank in {a % rank for a in rule.get("axes", ())} and (needed is None or rank == needed)

@@ -16,6 +16,7 @@ import math
 import torch.fx as fx
 
 from attn2conv.graph import Builder, aten, is_op, replace_uses, shape
+from attn2conv.legality import concat_axis_legal, concat_axis_rule
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 ID = "concat_channel_axis"
@@ -31,7 +32,7 @@ class ConcatChannelAxis(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
-        rule = _concat_axis_rule(ctx.profile)
+        rule = concat_axis_rule(ctx.profile)
         if rule is None:
             result.notes.append("the target has no Concat axis rule; nothing to do")
             return result
@@ -40,13 +41,6 @@ class ConcatChannelAxis(GraphPass):
             if is_op(node, "aten.cat") and not _legal(node, rule):
                 result.tally(node, _rewrite(gm, node, max_dim))
         return result
-
-
-def _concat_axis_rule(profile) -> dict | None:
-    for r in getattr(profile, "rules", ()) if profile is not None else ():
-        if r.check == "axis_in" and "Concat" in r.params.get("ops", ()) and r.severity == "error":
-            return r.params
-    return None
 
 
 def _max_dim(profile) -> int:
@@ -60,10 +54,7 @@ def _legal(node: fx.Node, params: dict) -> bool:
     out = shape(node)
     if out is None:
         return True  # nothing to reason about; the verifier will say
-    d = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(out)
-    rank_needed = params.get("rank")
-    allowed = {a % len(out) for a in params.get("axes", ())}
-    return d in allowed and (rank_needed is None or len(out) == rank_needed)
+    return concat_axis_legal(params, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(out))
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, max_dim: int) -> str | None:

@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from attn2conv.graph import Builder, arg, aten, express_index_map, get_constant, replace_uses, shape
-from attn2conv.legality import batch_limit
+from attn2conv.legality import batch_limit, concat_axis_legal, concat_axis_rule
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
 
 LAYOUT = {
@@ -85,6 +85,7 @@ class LayoutCleanup(GraphPass):
         result = PassResult(changed=False)
         self._forms: dict[tuple, list | None] = {}
         self._lead = batch_limit(ctx.profile)  # (max, min rank): intermediates must not break the batch limit
+        self._concat_rule = concat_axis_rule(ctx.profile)  # DLA: a moved gather must stay on the channel axis
         return self._run(gm, result)
 
     def _run(self, gm: fx.GraphModule, result: PassResult) -> PassResult:
@@ -317,6 +318,9 @@ class LayoutCleanup(GraphPass):
             if found is None:
                 continue
             perm, form = found
+            if concat_axis_legal(self._concat_rule, d, len(ys)) and not concat_axis_legal(
+                    self._concat_rule, perm[d], len(perm)):
+                continue  # the gather would move off the only Concat axis the target accepts
             dtype = c.meta["val"].dtype
             t = _build(gm, c, src, form, dtype)
             b = Builder(gm, c)

@@ -261,3 +261,19 @@ def test_batch_limited_forms_agree_with_index_tensors():
                 t = t.reshape(val) if op == "reshape" else t.permute(val)
             assert torch.equal(t, idx)
     assert found > 100
+
+
+def test_gathers_stay_on_the_channel_axis_where_the_target_concatenates_only_there():
+    """DLA concatenates along the channel axis only: concat_channel_axis puts Swin's rolls there, and the gather step
+    must not move one back off it when it commutes the roll with a permute."""
+    from attn2conv.legality import concat_axis_legal, concat_axis_rule
+    from attn2conv.targets import resolve_target
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=[2, 2], num_heads=[2, 4],
+                              embed_dim=48, img_size=56).eval()
+    x = torch.randn(1, 3, 56, 56)
+    result = attn2conv.convert(model, "dla", x)
+    rule = concat_axis_rule(resolve_target("dla"))
+    cats = [n for n in result.module.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert cats and all(concat_axis_legal(rule, n.args[1], len(n.meta["val"].shape)) for n in cats)
+    assert not [op for op in result.report.illegal_ops if op["severity"] == "error"]
