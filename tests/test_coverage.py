@@ -146,8 +146,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     ("CoaT-Lite", "dla"): "dla-orin-8.6 rejects 8x MatMul (A2C-DLA-MATMUL-CONST)",
     ("EfficientViT-MIT", "trt-safe"): "trt-safe-8.6 rejects 4x MatMul (A2C-SAFE-OP-MATMUL)",
     ("EfficientViT-MIT", "dla"): "dla-orin-8.6 rejects 4x MatMul (A2C-DLA-MATMUL-CONST)",
-    ("EfficientViT-MSRA", "trt-safe"): "trt-safe-8.6 rejects 24x MatMul (A2C-SAFE-OP-MATMUL)",
-    ("EfficientViT-MSRA", "dla"): "dla-orin-8.6 rejects 24x MatMul, 12x Softmax (A2C-DLA-MATMUL-CONST, A2C-DLA-SOFTMAX-AXIS)",
     ("TinyViT", "dla"): "dla-orin-8.6 rejects 2x Conv, 1x Reshape (A2C-DLA-CONV-CHANNELS, A2C-DLA-TENSOR-DIM)",
     ("GCViT", "trt-safe"): "trt-safe-8.6 rejects 15x Reshape, 10x Conv, 10x Mul, 8x Transpose, 5x Squeeze, 4x Add, 4x Sigmoid, 4x Div, ...",
     ("GCViT", "dla"): "dla-orin-8.6 rejects 4x Unsqueeze, 4x Expand (A2C-DLA-OP-RESHAPE)",
