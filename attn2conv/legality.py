@@ -165,3 +165,18 @@ def dim_limit(profile, axis: int) -> tuple[int, int] | None:
             cand = (int(rule.params["max"]), int(rule.params.get("min_rank", 1)))
             best = cand if best is None or cand[0] < best[0] else best
     return best
+
+
+def axis_limit(profile, axis: int, rank: int) -> int | None:
+    """The smallest error-severity `tensor_dims_max` limit on axis `axis` of a rank-`rank` activation, whatever form
+    the rule's axes take ("1", "2:", "-3:"), or None when the profile sets none (trt-safe channels: 4096; DLA: 8192)."""
+    from attn2conv.check._rules import _axes
+
+    best = None
+    for rule in getattr(profile, "rules", ()) if profile is not None else ():
+        params = rule.params
+        if rule.check != "tensor_dims_max" or rule.severity != "error" or rank < int(params.get("min_rank", 1)):
+            continue
+        if axis in _axes(str(params.get("axes")), rank):
+            best = int(params["max"]) if best is None else min(best, int(params["max"]))
+    return best
