@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import attn2conv
 from attn2conv.capture import capture
 from attn2conv.graph import refresh_shapes
-from attn2conv.legality import op_counts
+from attn2conv.legality import illegal_ops, op_counts
 from attn2conv.pass_infra import PassContext, get_pass
 from attn2conv.targets import resolve_target
 
@@ -329,5 +329,20 @@ def test_efficientvit_msra_cascaded_group_attention():
         for mod in model.modules():
             if hasattr(mod, "attention_biases"):
                 mod.attention_biases.normal_()
-    gm, result = assert_exact(model, torch.randn(1, 3, 64, 64), rewrites=12)
+    x = torch.randn(1, 3, 64, 64)
+    own_ops = set(op_counts(capture(model, (x,))))
+    gm, result = assert_exact(model, x, rewrites=12)
     assert not result.misses
+    # trt-safe legality of what the rewrite left: no MatMul, no Softmax, and no error from an op kind it added
+    errors = [o for o in illegal_ops(gm, resolve_target("trt-safe")) if o.severity == "error" and
+              (o.op_kind in ATTENTION_OPS + ("aten.softmax",) or o.op_kind not in own_ops)]
+    assert not errors, errors
+
+
+@pytest.mark.slow  # capture and 16 passes: ~25 s on a quiet 2-core machine
+def test_convert_efficientvit_msra_trt_safe():
+    """Through convert: no MatMul/Softmax left and nothing the trt-safe profile flags as an error."""
+    model = timm.create_model("efficientvit_m0", pretrained=False, depth=(1, 1, 1), img_size=64).eval()
+    result = _convert_and_check(model, torch.randn(1, 3, 64, 64))
+    assert next(p for p in result.report.passes if p.id == "attention_to_conv").rewrites == 12
+    assert not [op for op in result.report.illegal_ops if op["severity"] == "error"], result.report.illegal_ops
