@@ -7,7 +7,7 @@ where L... are leading batch/head dims (B, h), (B*windows, h), (B*h) ... Two anc
 * `aten.scaled_dot_product_attention` (timm/HF fused paths): q, k, v are its arguments; `attn_mask` (float: additive,
   bool: -inf where False), `is_causal` and `scale` become the bias and the scale.
 * `aten.softmax` / `aten._softmax` over the last axis (eager paths): walked *down* to the matmul that multiplies the
-  probabilities with v, and *up* through scalar multiplies/divides (the scale), additions/subtractions of any other
+  probabilities with v (P @ v, or v @ P^T with v as (L..., dv, M): EfficientViT-MSRA's channels-first values), and *up* through scalar multiplies/divides (the scale), additions/subtractions of any other
   tensor (relative-position bias, shifted-window or HF masks), `masked_fill(-inf)` and reshapes (Swin views scores as
   (B, windows, h, N, N) to add its mask) to the matmul q @ k^T.
 
@@ -50,7 +50,7 @@ class AttentionMatch:
     q: fx.Node  # (L..., N, d)
     k: fx.Node | None  # (L..., M, d), or None when only k^T is at hand
     k_t: fx.Node | None  # (L..., d, M)
-    v: fx.Node  # (L..., M, dv)
+    v: fx.Node  # (L..., M, dv), or (L..., dv, M) when v_transposed
     scale: float
     lead: tuple[int, ...]  # L..., the leading dims of q
     n: int
@@ -63,6 +63,8 @@ class AttentionMatch:
     causal: bool = False
     replay: bool = False  # chain/post mix channels (talking heads), permute or scale by a tensor: re-run verbatim
     post: list[fx.Node] = field(default_factory=list)  # nodes from the softmax (excluded) to the matmul with v
+    # v @ P^T (EfficientViT-MSRA): v is (L..., dv, M) and the output (L..., dv, N), the transpose of P @ v^T
+    v_transposed: bool = False
 
     @property
     def groups(self) -> int:
@@ -134,13 +136,15 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
     walked = _walk_probs(node, xs)
     if isinstance(walked, str):
         return walked
-    probs, av, post, post_replay = walked
-    v = av.args[1]
-    vs, outs = shape(v), shape(av)
+    probs, av, post, post_replay, v_transposed = walked
+    v = av.args[0] if v_transposed else av.args[1]
+    vs = shape(v)
     n, m = xs[-2], xs[-1]
     if shape(probs) is None or shape(probs)[-2:] != (n, m):
         return f"probabilities reach the matmul with v as {shape(probs)}, not with (queries, keys) {(n, m)} last"
-    if vs is None or len(vs) < 2 or vs[-2] != m or math.prod(vs[:-2]) != math.prod(xs[:-2]):
+    if v_transposed and (vs is None or len(vs) < 2 or vs[-1] != m or math.prod(vs[:-2]) != math.prod(xs[:-2])):
+        return f"v {vs} and probabilities^T do not multiply as (L, dv, M) @ (L, M, N) with probabilities {xs}"
+    if not v_transposed and (vs is None or len(vs) < 2 or vs[-2] != m or math.prod(vs[:-2]) != math.prod(xs[:-2])):
         return f"probabilities {xs} and v {vs} do not multiply as (L, N, M) @ (L, M, dv)"
     # Up: softmax input -> scale/bias/reshape chain -> q @ k^T.
     walked = _walk_scores(x)
@@ -156,8 +160,9 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
         return f"scores {ss} and softmax input {xs} differ in more than their leading dims"
     if math.prod(qs[:-2]) != math.prod(vs[:-2]):
         return f"q {qs} and v {vs} have different leading dims"
-    return AttentionMatch("softmax", node, av, q, None, k_t, v, scale, qs[:-2], n, m, qs[-1], vs[-1],
-                          scores=scores, chain=chain, replay=replay, post=post)
+    dv = vs[-2] if v_transposed else vs[-1]
+    return AttentionMatch("softmax", node, av, q, None, k_t, v, scale, qs[:-2], n, m, qs[-1], dv,
+                          scores=scores, chain=chain, replay=replay, post=post, v_transposed=v_transposed)
 
 
 # Ops between the softmax and the matmul with v that the rewrite re-runs verbatim (replay): element-wise gates and
@@ -166,11 +171,13 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
 POST_REPLAYED = ("aten.mul", "aten.div", "aten.add", "aten.sub", "aten.rsub", "aten.sum")
 
 
-def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], bool] | str:
+def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], bool, bool] | str:
     """From the softmax down to the matmul with v: (probabilities node read by the matmul, the matmul, the nodes in
-    between in graph order, whether they must be replayed). The nodes in between form a region that nothing outside
-    reads: a chain (CaiT's talking heads) or a small DAG (ConViT: gate, add, sum, divide)."""
-    region, frontier, av = {softmax}, [softmax], None
+    between in graph order, whether they must be replayed, whether the matmul is v @ P^T). The nodes in between form
+    a region that nothing outside reads: a chain (CaiT's talking heads) or a small DAG (ConViT: gate, add, sum,
+    divide). For v @ P^T the transpose read by the matmul belongs to the matmul, not to the region: the probabilities
+    node is the transpose's input."""
+    region, frontier, av, swap = {softmax}, [softmax], None, None
     while frontier:
         cur = frontier.pop()
         for user in cur.users:
@@ -178,6 +185,10 @@ def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], 
                 continue
             if is_op(user, *MATMULS) and user.args[0] is cur and user.args[1] not in region and av in (None, user):
                 av = user
+                continue
+            if (is_op(user, *MATMULS) and user.args[1] is cur and user.args[0] not in region
+                    and swaps_last_two_axes(cur) and av in (None, user)):
+                av, swap = user, cur  # v @ P^T
                 continue
             neutral = is_op(user, *NEUTRAL) or (is_op(user, *RESHAPES) and shape(user) and
                                                  shape(user)[-2:] == xs[-2:])
@@ -189,15 +200,24 @@ def _walk_probs(softmax: fx.Node, xs) -> tuple[fx.Node, fx.Node, list[fx.Node], 
                 return "more than 64 ops between the softmax and the matmul with v"
     if av is None:
         return "the softmax output does not reach a matmul with v"
-    probs = av.args[0]
+    if swap is not None and av.args[0] is not swap:
+        region.discard(swap)
+        probs = swap.args[0]
+        if probs not in region:
+            return f"{swap.name}: the transposed probabilities do not come from the softmax"
+    else:
+        swap, probs = None, av.args[0]
+    reader = swap if swap is not None else av
     for node in region:
         outside = [u for u in node.users if not is_assert(u) and u not in region]
-        if outside != ([av] if node is probs else []):
+        if outside != ([reader] if node is probs else []):
             return f"{node.name}: the probabilities are also read outside the attention ({len(outside)} readers)"
+    if swap is not None and [u for u in swap.users if not is_assert(u)] != [av]:
+        return f"{swap.name}: the transposed probabilities are also read outside the attention"
     post = [n for n in softmax.graph.nodes if n in region and n is not softmax]
     replay = any(not (is_op(n, *NEUTRAL) or (is_op(n, *RESHAPES) and shape(n) and shape(n)[-2:] == xs[-2:]))
                  for n in post)
-    return probs, av, post, replay
+    return probs, av, post, replay, swap is not None
 
 
 def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str:
@@ -249,6 +269,21 @@ def _walk_scores(x: fx.Node) -> tuple[fx.Node, list[fx.Node], float, bool] | str
         else:
             return f"{node.name}: scores pass through {op_kind(node)}, which is not a scale, bias or reshape"
     return "the chain from q @ k^T to the softmax is longer than 64 nodes"
+
+
+def swaps_last_two_axes(node) -> bool:
+    """Whether `node` is a transpose of its input's last two axes (transpose(-2, -1), permute(..., -1, -2), t)."""
+    if not isinstance(node, fx.Node) or not is_op(node, *PERMUTES):
+        return False
+    rank = len(shape(node) or ())
+    if rank < 2:
+        return False
+    if is_op(node, "aten.t"):
+        return rank == 2
+    if is_op(node, "aten.transpose"):
+        return sorted(a % rank for a in node.args[1:3]) == [rank - 2, rank - 1]
+    dims = [a % rank for a in node.args[1]]
+    return dims == list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
 def _reaches_matmul(node, depth: int = 16) -> bool:

@@ -197,3 +197,18 @@ def concat_axis_legal(rule: dict | None, axis: int, rank: int) -> bool:
         return True
     needed = rule.get("rank")
     return axis % rank in {a % rank for a in rule.get("axes", ())} and (needed is None or rank == needed)
+
+
+def axis_limit(profile, axis: int, rank: int) -> int | None:
+    """The smallest error-severity `tensor_dims_max` limit on axis `axis` of a rank-`rank` activation, whatever form
+    the rule's axes take ("1", "2:", "-3:"), or None when the profile sets none (trt-safe channels: 4096; DLA: 8192)."""
+    from attn2conv.check._rules import _axes
+
+    best = None
+    for rule in getattr(profile, "rules", ()) if profile is not None else ():
+        params = rule.params
+        if rule.check != "tensor_dims_max" or rule.severity != "error" or rank < int(params.get("min_rank", 1)):
+            continue
+        if axis in _axes(str(params.get("axes")), rank):
+            best = int(params["max"]) if best is None else min(best, int(params["max"]))
+    return best

@@ -5,7 +5,8 @@
 
 Variants, exported with attn2conv.export.export_onnx (torch.onnx dynamo) and run side by side in one process:
   original        the captured model (MatMul + Softmax attention)
-  attention-only  only attention_to_conv for trt-safe (isolates the cost of the conv-only attention core)
+  attention-only  only attention_to_conv and matmul_to_conv for trt-safe (isolates the cost of the conv-only
+                  attention cores, softmax and linear attention: --model coat_lite_tiny efficientvit_b0)
   converted       attn2conv.convert(model, target="trt-safe"): the whole exact pipeline (conv-only model)
 Latency: after warm-up, `--repeats` rounds; in each round every variant runs `--iters` times and the round's median
 is kept; the reported figure is the median over rounds (rounds interleave the variants, so load from other processes
@@ -103,7 +104,10 @@ def _bench_model(args, model_name: str) -> None:
     from attn2conv.pipeline import Pipeline
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, img_size=args.img_size).eval()
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=args.img_size).eval()
+    except TypeError:  # no img_size argument (EfficientViT-MIT): its default input size is used as given
+        model = timm.create_model(model_name, pretrained=False).eval()
     x = torch.randn(1, 3, args.img_size, args.img_size)
     options = {"attention_to_conv": {"max_broadcast_elems": args.budget}} if args.budget else {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_attention_"))
@@ -114,7 +118,7 @@ def _bench_model(args, model_name: str) -> None:
         reference = model(x).numpy()
         modules = {"original": capture(model, (x,))}
         attn_only = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), options=options,
-                                      pipeline=Pipeline(["attention_to_conv"]))
+                                      pipeline=Pipeline(["attention_to_conv", "matmul_to_conv"]))
         modules["attention-only"] = attn_only.module
         converted = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), options=options)
         modules["converted"] = converted.module

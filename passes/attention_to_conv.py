@@ -1,7 +1,8 @@
 """attention_to_conv (exact): multi-head attention cores become broadcast multiplies and constant-weight convolutions.
 
 Matches (attn2conv/attention_match.py): `scaled_dot_product_attention`, and `softmax(scale * q @ k^T + bias) @ v` in
-any arrangement of reshapes/permutes, with scalar scales, additive biases (relative-position tables, shifted-window
+any arrangement of reshapes/permutes (also `v @ softmax(...)^T` with channels-first v (L, dv, M), EfficientViT-MSRA:
+its output (L, dv, N) is O below without the final permute), with scalar scales, additive biases (relative-position tables, shifted-window
 masks, HF masks), `masked_fill(-inf)`, class attention (N = 1) and reduced keys (M != N).
 
 Maths. With q (L, N, d), k (L, M, d), v (L, M, dv), the leading dims L = (B, g...) become a batch axis B (L[0]) and
@@ -220,8 +221,7 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
         e = b.call(aten.reshape.default, _exp_shifted(b, s, m), [batch, groups * m, 1, n])
         den = _channel_sum(b, e, groups, m, weights.keysum(groups, m))  # (B, g, 1, N)
         o = b.call(aten.div.Tensor, _weighted_values(b, weights, plan, e, v), den)
-    o = b.call(aten.permute.default, o, [0, 1, 3, 2])  # (B, g, dv, N) -> (B, g, N, dv)
-    o = b.call(aten.reshape.default, o, list(out_shape))
+    o = _output_layout(b, match, o, out_shape)
     replace_uses(match.output, o)
     for dead in dict.fromkeys((match.output, match.anchor)):  # sdpa counts as impure for dead-code elimination: erase it here
         if not dead.users:
@@ -405,7 +405,9 @@ def _rewrite_pooled(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep
     else:
         k = b.call(aten.reshape.default, b.call(aten.permute.default, b.call(aten.reshape.default, match.k_t,
                                                                               [g, d, m]), [0, 2, 1]), [g, 1, m, d])
-    v = b.call(aten.reshape.default, match.v, [g, 1, m, dv])
+    if match.v_transposed:  # (L..., dv, M)
+        v = b.call(aten.permute.default, b.call(aten.reshape.default, match.v, [g, dv, m]), [0, 2, 1])
+    v = b.call(aten.reshape.default, v if match.v_transposed else match.v, [g, 1, m, dv])
     query_chunk = n if g * n * m * max(d, dv) <= budget else max(1, budget // (g * m * max(d, dv)))
     outputs = []
     for n0 in range(0, n, query_chunk):
@@ -429,7 +431,10 @@ def _rewrite_pooled(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep
         e = b.call(aten.reshape.default, e, [g, nc, m, 1])
         o = b.call(aten.avg_pool2d.default, b.call(aten.mul.Tensor, e, v), [m, 1], [m, 1])  # (G, nc, 1, dv)
         outputs.append(b.call(aten.div.Tensor, o, den))
-    o = b.call(aten.reshape.default, _cat(b, outputs, 1), list(out_shape))
+    o = _cat(b, outputs, 1)  # (G, N, 1, dv)
+    if match.v_transposed:
+        o = b.call(aten.permute.default, b.call(aten.reshape.default, o, [g, n, dv]), [0, 2, 1])
+    o = b.call(aten.reshape.default, o, list(out_shape))
     replace_uses(match.output, o)
     for dead in dict.fromkeys((match.output, match.anchor)):
         if not dead.users:
@@ -489,7 +494,9 @@ def _channels_first_qkv(b: Builder, match: AttentionMatch, batch: int, groups: i
     else:
         k = b.call(aten.reshape.default, match.k, [batch, groups, m, d])
         k = b.call(aten.reshape.default, b.call(aten.permute.default, k, [0, 1, 3, 2]), [batch, groups * d, m, 1])
-    v = b.call(aten.reshape.default, match.v, [batch, groups * m, dv, 1])
+    if match.v_transposed:  # (L..., dv, M)
+        v = b.call(aten.permute.default, b.call(aten.reshape.default, match.v, [batch, groups, dv, m]), [0, 1, 3, 2])
+    v = b.call(aten.reshape.default, v if match.v_transposed else match.v, [batch, groups * m, dv, 1])
     return q, k, v
 
 
@@ -524,8 +531,15 @@ def _replay(gm: fx.GraphModule, b: Builder, root: fx.Node, nodes: list[fx.Node],
     return node
 
 
+def _output_layout(b: Builder, match: AttentionMatch, o, out_shape) -> fx.Node:
+    """(B, g, dv, N) -> the model's output: (L..., N, dv), or (L..., dv, N) as it is for v @ P^T (no permute)."""
+    if not match.v_transposed:
+        o = b.call(aten.permute.default, o, [0, 1, 3, 2])
+    return b.call(aten.reshape.default, o, list(out_shape))
+
+
 def _finish(gm: fx.GraphModule, b: Builder, match: AttentionMatch, o, out_shape, peak: int) -> _Outcome:
-    o = b.call(aten.reshape.default, b.call(aten.permute.default, o, [0, 1, 3, 2]), list(out_shape))
+    o = _output_layout(b, match, o, out_shape)
     replace_uses(match.output, o)
     for dead in dict.fromkeys((match.output, match.anchor)):
         if not dead.users:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import attn2conv
 from attn2conv.capture import capture
 from attn2conv.graph import refresh_shapes
-from attn2conv.legality import op_counts
+from attn2conv.legality import illegal_ops, op_counts
 from attn2conv.pass_infra import PassContext, get_pass
 from attn2conv.targets import resolve_target
 
@@ -293,3 +293,72 @@ def test_convert_cait_small_config_trt_safe():
     """Through convert: the head mixes are 1x1 convolutions over head channels by then (linear_to_conv runs first)."""
     result = _convert_and_check(_cait(img_size=32, depth_token_only=1), torch.randn(1, 3, 32, 32))
     assert next(p for p in result.report.passes if p.id == "attention_to_conv").rewrites == 3
+
+
+class ChannelsFirstValues(torch.nn.Module):
+    """EfficientViT-MSRA's arrangement: q, k, v channels-first (B, h, d, N), scores q^T @ k, output v @ P^T."""
+
+    def __init__(self, dim=16, heads=2, n=9, swap="transpose", bias=False):
+        super().__init__()
+        self.qkv, self.heads, self.swap = torch.nn.Conv1d(dim, 3 * dim, 1), heads, swap
+        self.bias = torch.nn.Parameter(torch.randn(heads, n, n)) if bias else None
+
+    def forward(self, x):  # x (B, C, N)
+        b, c, n = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, n).unbind(1)
+        attn = (q * (c // self.heads) ** -0.5).transpose(-2, -1) @ k  # (B, h, N, N)
+        if self.bias is not None:
+            attn = attn + self.bias
+        attn = attn.softmax(dim=-1)
+        attn_t = {"transpose": attn.transpose(-2, -1), "transpose_pos": attn.transpose(3, 2),
+                  "permute": attn.permute(0, 1, 3, 2)}[self.swap]
+        return (v @ attn_t).reshape(b, c, n)  # (B, h, dv, N)
+
+
+@pytest.mark.parametrize("swap", ["transpose", "transpose_pos", "permute"])
+@pytest.mark.parametrize("target", ["trt-safe", "dla"])
+def test_values_times_transposed_probabilities(swap, target):
+    model = ChannelsFirstValues(swap=swap, bias=True).eval()
+    gm, result = assert_exact(model, torch.randn(2, 16, 9), target=target)
+    assert not result.misses
+    # the output is channels-first already: the rewrite adds no permute after the key sum
+    assert op_counts(gm)["aten.permute"] <= 2, op_counts(gm)
+
+
+def test_values_times_probabilities_not_transposed_is_a_miss():
+    """v @ P (contracting over queries) is not attention: left alone, with the reason."""
+
+    class ValuesTimesProbs(ChannelsFirstValues):
+        def forward(self, x):
+            b, c, n = x.shape
+            q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, n).unbind(1)
+            return (v @ (q.transpose(-2, -1) @ k).softmax(dim=-1)).reshape(b, c, n)
+
+    _, gm, result = run_pass(ValuesTimesProbs().eval(), torch.randn(1, 16, 9))
+    assert result.rewrites == 0 and "not a matmul with v" in result.misses[0]
+
+
+def test_efficientvit_msra_cascaded_group_attention():
+    """timm efficientvit_m0: per-head cascaded attention with a bias table, `v @ attn.transpose(-2, -1)`."""
+    model = timm.create_model("efficientvit_m0", pretrained=False, depth=(1, 1, 1), img_size=64).eval()
+    with torch.no_grad():  # timm zero-inits the biases: random ones make the bias fold count
+        for mod in model.modules():
+            if hasattr(mod, "attention_biases"):
+                mod.attention_biases.normal_()
+    x = torch.randn(1, 3, 64, 64)
+    own_ops = set(op_counts(capture(model, (x,))))
+    gm, result = assert_exact(model, x, rewrites=12)
+    assert not result.misses
+    # trt-safe legality of what the rewrite left: no MatMul, no Softmax, and no error from an op kind it added
+    errors = [o for o in illegal_ops(gm, resolve_target("trt-safe")) if o.severity == "error" and
+              (o.op_kind in ATTENTION_OPS + ("aten.softmax",) or o.op_kind not in own_ops)]
+    assert not errors, errors
+
+
+@pytest.mark.slow  # capture and 16 passes: ~25 s on a quiet 2-core machine
+def test_convert_efficientvit_msra_trt_safe():
+    """Through convert: no MatMul/Softmax left and nothing the trt-safe profile flags as an error."""
+    model = timm.create_model("efficientvit_m0", pretrained=False, depth=(1, 1, 1), img_size=64).eval()
+    result = _convert_and_check(model, torch.randn(1, 3, 64, 64))
+    assert next(p for p in result.report.passes if p.id == "attention_to_conv").rewrites == 12
+    assert not [op for op in result.report.illegal_ops if op["severity"] == "error"], result.report.illegal_ops
