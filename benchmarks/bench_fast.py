@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
                        **{str(s): i for s, i in builds.get(v, {}).items()}} for v in latency},
     }
     pairs = {"deit_s_fast/deit_s": ("deit_s_fast", "deit_s"), "swin_t_fast/swin_t": ("swin_t_fast", "swin_t"),
-             "deit_s_fast/swin_t": ("deit_s_fast", "swin_t"), "deit_s_fast_mlp/deit_s": ("deit_s_fast_mlp", "deit_s"),
+             "deit_s_fast/swin_t": ("deit_s_fast", "swin_t"),
+             "deit_s_fast_mlp/deit_s": ("deit_s_fast_mlp", "deit_s"),
              "swin_t_fast_mlp/swin_t": ("swin_t_fast_mlp", "swin_t")}
     result["ratio"] = {name: {str(s): round(latency[a][s] / latency[b][s], 3) for s in sizes
                               if s in latency.get(a, {}) and s in latency.get(b, {})}
