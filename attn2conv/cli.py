@@ -229,6 +229,9 @@ class ConvertTool:
                        help="trt, trt-safe, dla, a profile id (trt-safe-8.6) or a profile .toml (default trt-safe)")
         p.add_argument("--fidelity", choices=("exact", "fast"), default="exact",
                        help="exact: numerically identical rewrites only (default); fast: also architectural swaps")
+        p.add_argument("--mlp-hidden-ratio", type=float, metavar="R",
+                       help="with --fidelity fast: also prune every MLP to R hidden units per channel (mlp_prune; "
+                            "DeiT/Swin have 4, so 1 keeps a quarter); needs distillation")
         p.add_argument("--guard", choices=("each", "final"), default="final",
                        help="numeric guard: the example input after every pass and two random probes at the end, "
                             "re-run per pass if they fail (default, 'final'), or every probe after every pass ('each', "
@@ -261,13 +264,17 @@ class ConvertTool:
         out = validate_destination(args.output)
         report_path = validate_destination(args.report, suffix=".json") if args.report else None
         shape = parse_shape(args.input_shape) if args.input_shape else None
+        if args.mlp_hidden_ratio is not None and (args.fidelity != "fast" or args.mlp_hidden_ratio <= 0):
+            raise UsageError("--mlp-hidden-ratio needs --fidelity fast and a ratio above 0 (e.g. 1.0)")
 
         progress = Progress(Progress.wanted(args.progress))
         progress("build model")
         model, inputs, name = load_model(args.spec)
         if shape is not None:
             inputs = (torch.randn(shape),)
-        calibration, precision_options = _calibration(args, inputs, model)
+        calibration, options = _calibration(args, inputs, model)
+        if args.mlp_hidden_ratio is not None:
+            options = {**(options or {}), "mlp_prune": {"hidden_ratio": args.mlp_hidden_ratio}}
         written = _Written([out, out.with_name(out.name + ".data"), out.with_name(out.name + ".cert.json"),
                             out.with_name(out.name + ".ranges.json"), out.with_name(out.name + ".calib"),
                             report_path])
@@ -275,7 +282,7 @@ class ConvertTool:
             try:
                 result = convert(model, target=profile, example_inputs=inputs, fidelity=args.fidelity,
                                  guard=args.guard, export=out, progress=progress,
-                                 precision=args.precision, calibration=calibration, options=precision_options)
+                                 precision=args.precision, calibration=calibration, options=options)
             except CaptureError as exc:
                 given = f"--input-shape {args.input_shape}" if shape else "the default input shape"
                 raise CaptureError(f"{exc} (with {given}; does the model accept it?)") from None

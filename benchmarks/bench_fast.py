@@ -6,6 +6,7 @@ to 1024x1024 (AV camera scale), and how each grows with the number of pixels.
     .venv/bin/python benchmarks/bench_fast.py --sizes 224 448 1024         # the growth fit over three sizes
     .venv/bin/python benchmarks/bench_fast.py --sizes 1024 --repeats 2 --variants deit_s deit_s_fast
     .venv/bin/python benchmarks/bench_fast.py --sizes 512 --repeats 3 --variants swin_t swin_t_fast --op-profile
+    .venv/bin/python benchmarks/bench_fast.py --sizes 224 1024 --repeats 3 --variants swin_t swin_t_fast swin_t_fast_mlp
 
 Variants (random weights, pretrained=False; every model exported with attn2conv.export.export_onnx):
   deit_s            timm deit_small_patch16_224 at img_size=S (MatMul + Softmax attention, LayerNorm, GELU)
@@ -17,6 +18,8 @@ Variants (random weights, pretrained=False; every model exported with attn2conv.
                     then the exact passes (for trt-safe: conv-only attention cores, no MatMul/Softmax)
   swin_t_fast       the same for swin_t: stage 1 all MHCA, stages 2-4 MHCA ... then one SRA; the new blocks run on
                     the whole feature map (window partition, shift and reverse dropped)
+  deit_s_fast_mlp,  the fast models with the opt-in MLP pruning as well: options={"mlp_prune": {"hidden_ratio":
+  swin_t_fast_mlp   1.0}}, every MLP C -> 4C -> C becomes C -> C -> C (MLP MACs / 4; needs distillation)
 Conversions use guard="final" (numeric checks once at the end; the fast passes are architectural anyway).
 Latency: warm-up, then `--repeats` rounds; each round runs every variant `--iters` times and keeps the round's median;
 the figure is the median over rounds (interleaving spreads the load of other processes over all variants).
@@ -72,9 +75,10 @@ def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dic
         info["window"] = w
     else:
         model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=size).eval()
-    fast = variant.endswith("_fast")
+    fast = "_fast" in variant
     if fast:
-        result = attn2conv.convert(model, target, x, fidelity="fast", guard="final")
+        options = {"mlp_prune": {"hidden_ratio": 1.0}} if variant.endswith("_mlp") else None
+        result = attn2conv.convert(model, target, x, fidelity="fast", guard="final", options=options)
         gm = result.module
         info["legal"] = result.report.legal
         plan = list(gm.meta.get("attn2conv_plan", {}).values())
@@ -182,7 +186,9 @@ def main(argv=None) -> dict:
                        **{str(s): i for s, i in builds.get(v, {}).items()}} for v in latency},
     }
     pairs = {"deit_s_fast/deit_s": ("deit_s_fast", "deit_s"), "swin_t_fast/swin_t": ("swin_t_fast", "swin_t"),
-             "deit_s_fast/swin_t": ("deit_s_fast", "swin_t")}
+             "deit_s_fast/swin_t": ("deit_s_fast", "swin_t"),
+             "deit_s_fast_mlp/deit_s": ("deit_s_fast_mlp", "deit_s"),
+             "swin_t_fast_mlp/swin_t": ("swin_t_fast_mlp", "swin_t")}
     result["ratio"] = {name: {str(s): round(latency[a][s] / latency[b][s], 3) for s in sizes
                               if s in latency.get(a, {}) and s in latency.get(b, {})}
                        for name, (a, b) in pairs.items() if a in latency and b in latency}

@@ -1,6 +1,7 @@
 """Fast fidelity end to end on real data, on CPU in a few minutes: scikit-learn's handwritten digits.
 
     python examples/digits_fast_distill.py            # prints teacher / student-before / student-after accuracy
+    python examples/digits_fast_distill.py --mlp-hidden-ratio 0.5   # MLPs also pruned to 0.5 x width (mlp_prune)
 
 1. Data: the 1,797 8x8 digit images that ship with scikit-learn, upsampled (bilinear) to 32x32, split 80/20
    (stratified, fixed seed) into training and held-out sets.
@@ -8,7 +9,9 @@
 3. attn2conv.convert(teacher, "trt-safe", fidelity="fast") with the architectural passes of the fast preset:
    LayerNorm -> calibrated BatchNorm (folded), GELU -> ReLU, blocks 0-2 -> Next-ViT MHCA convolution blocks, block 3
    -> spatial-reduction attention (the default plan, Next-ViT's hybrid strategy; options={"attention_to_csa":
-   {"conv_kind": "csa"}} gives NVIDIA CSA blocks instead).
+   {"conv_kind": "csa"}} gives NVIDIA CSA blocks instead). --mlp-hidden-ratio R also narrows every MLP to R x width
+   hidden units (options={"mlp_prune": {"hidden_ratio": R}}; the teacher has 2, so 0.5 keeps a quarter, as 1 does
+   for DeiT-S/Swin-T), keeping the units with the largest calibration activation x fc2 column norm.
 4. attn2conv.distill(student, teacher, training batches): KD on softened logits plus the labels.
 5. The rest of the fast trt-safe preset (the exact passes: folds, conv-only attention core, layout clean-up) runs on
    the distilled student, each pass guarded numerically; the result has no op trt-safe rejects.
@@ -124,6 +127,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--distill-epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mlp-hidden-ratio", type=float, help="also prune MLPs to this many hidden units per channel")
     ap.add_argument("--json", help="write the accuracies and timings to this file")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -142,7 +146,9 @@ def main(argv=None) -> dict:
     preset = attn2conv.Pipeline.for_target("trt-safe", "fast")
     arch = [p for p in preset if not p.exact]
     fast = attn2conv.convert(teacher, "trt-safe", example_inputs=x_train[:BATCH], fidelity="fast",
-                             calibration=calibration, pipeline=attn2conv.Pipeline(arch))
+                             calibration=calibration, pipeline=attn2conv.Pipeline(arch),
+                             options=({"mlp_prune": {"hidden_ratio": args.mlp_hidden_ratio}}
+                                      if args.mlp_hidden_ratio else None))
     print(fast.report.to_table())
     acc_before = accuracy(fast.module, x_test, y_test)
     print(f"student after convert(fidelity='fast'), before distillation: {acc_before:.2f}% held-out")
@@ -158,7 +164,7 @@ def main(argv=None) -> dict:
           f"no op trt-safe rejects: {legal}")
     result = {"teacher": acc_teacher, "student_before": acc_before, "student_after": acc_after,
               "student_after_before_lowering": acc_trained, "gap": acc_teacher - acc_after, "legal": legal,
-              "seconds": total,
+              "seconds": total, "mlp_hidden_ratio": args.mlp_hidden_ratio,
               "test_samples": len(y_test)}
     print(json.dumps(result, indent=2))
     if args.json:

@@ -105,6 +105,7 @@ def test_file_spec_with_kwargs_and_factory_input(tmp_path, capsys):
     (["convert", TINY_VIT, "-o", "{tmp}/m.pt"], ["must end in .onnx"]),
     (["convert", TINY_VIT, "--target", "tpu", "-o", "{tmp}/m.onnx"], ["tpu"]),
     (["convert", TINY_VIT, "--fidelity", "sloppy", "-o", "{tmp}/m.onnx"], ["sloppy"]),
+    (["convert", TINY_VIT, "--mlp-hidden-ratio", "1", "-o", "{tmp}/m.onnx"], ["--mlp-hidden-ratio needs --fidelity fast"]),
     (["convert", TINY_VIT], ["-o"]),
     ([], ["give a command"]),
 ])
