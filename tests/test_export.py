@@ -227,38 +227,8 @@ def test_cleanup_bypasses_identity_drops_dead_nodes_and_keeps_provenance():
     assert [scopes(n) for n in cleaned.graph.node] == [repr(["", "blocks.0", "relu"]), repr(["", "blocks.1", "sigmoid"])]
 
 
-def _timm_full(name, size=224):
-    return lambda: (timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, size, size))
-
-
-def _hf_full(kind):
-    def make():
-        import transformers
-
-        model = transformers.AutoModel.from_config(getattr(transformers, f"{kind}Config")()).eval()
-        return model, torch.randn(1, 3, 224, 224)
-    return make
-
-
-EXACT_ATTENTION_CORPUS = {
-    "deit_small_patch16_224": _timm_full("deit_small_patch16_224"),
-    "vit_small_patch16_224": _timm_full("vit_small_patch16_224"),
-    "swin_tiny_patch4_window7_224": _timm_full("swin_tiny_patch4_window7_224"),
-    "hf_ViTModel": _hf_full("ViT"),
-    "hf_SwinModel": _hf_full("Swin"),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(EXACT_ATTENTION_CORPUS))
-def test_exact_attention_corpus_is_certified(tmp_path, name):
-    """Issue 6 acceptance: certified on trt-safe, ONNX Runtime within 1e-4 of torch, attn2conv-check exits 0."""
-    model, x = EXACT_ATTENTION_CORPUS[name]()
-    path = tmp_path / f"{name}.onnx"
-    result = attn2conv.convert(model, target="trt-safe", example_inputs=(x,), export=path)
-    assert result.report.extra["export"]["parity_vs_original"] <= 1e-4
-    assert result.certified is True, result.check.to_text(20)
-    assert check_main([str(path), "--target", "trt-safe", "--format", "json", "-o", str(tmp_path / "r.json")]) == 0
+# The exact-attention corpus at full size (issue 6 acceptance: certified, ORT parity, CLI exit 0) is in
+# tests/test_exact_attention_corpus.py.
 
 
 def test_converted_graph_is_translated_without_a_second_trace(converted_vit, tmp_path, monkeypatch):
