@@ -1,0 +1,533 @@
+"""A vectorised reader of an ONNX file's main graph, for the checker: numpy over the raw protobuf bytes.
+
+Why: the rules need a few facts about every node (op type, attributes, input and output names) and every recorded
+tensor (name, type). Reading them from parsed protobuf objects costs one Python object per node and field, several
+times what parsing the file costs on graphs of 10^5 nodes. Here the node and value_info records are located and
+decoded with numpy over the file's bytes (``np.frombuffer``: no copy), a handful of array operations per field
+*slot* rather than per node, and names, types and attribute lists are interned to small integer ids. Only the
+records a rule reports on are ever parsed into protobuf objects (``node(i)``).
+
+What it handles, exactly (anything else raises :class:`Unsupported` and the checker uses the full protobuf path):
+
+- ModelProto: any top-level fields except ``functions`` and ``training_info``, with exactly one ``graph``. Everything
+  but the graph is parsed by protobuf, as is every graph field except ``node`` and ``value_info`` (initializers,
+  graph inputs and outputs, sparse initializers...): those few records are parsed as they would be in the full
+  parse (``MergeFromString`` over zero-copy slices).
+- GraphProto ``node`` (field 1) and ``value_info`` (13) records, in any order and interleaving. Records of a run
+  are found without a per-record loop: every byte equal to the run's tag is a candidate, each candidate's length
+  varint is decoded, and a candidate is kept when no earlier candidate's extent covers it. Every false candidate
+  lies inside a true record (records tile the graph), so the kept set holds true records only; the rare true
+  records covered by a false extent are found by walking from the kept record before them, and the chain is
+  verified end to end.
+- NodeProto fields input, output, name, op_type, attribute, doc_string, domain, overload, metadata_props (each a
+  length-delimited field; singular fields at most once; the attribute records contiguous). Attribute lists are
+  parsed by protobuf once per distinct byte string (which validates them exactly), metadata entries are checked
+  field by field (key, value).
+- ValueInfoProto fields name, type, doc_string (singular, at most once). Types are parsed by protobuf once per
+  distinct byte string.
+- Nodes with subgraph-carrying op types (If, Loop, Scan, SequenceMap) are not handled.
+
+Byte strings (names, op types, types, attribute lists) are interned by a 64-bit hash of their 8-byte words, and
+every string is then compared word by word with the first string of its id: a hash collision is detected, never
+trusted (it raises Unsupported).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_NODE_TAG, _VI_TAG = 0x0A, 0x6A  # GraphProto.node = 1, value_info = 13 (length-delimited)
+_NODE_FIELDS = frozenset(range(1, 10))  # NodeProto 1..9 (device_configurations = 10 is not handled)
+_NODE_SINGULAR = (3, 4, 6, 7, 8)  # name, op_type, doc_string, domain, overload
+_VI_FIELDS = frozenset({1, 2, 3})  # ValueInfoProto name, type, doc_string (metadata_props = 4 not handled)
+_MODEL_UNHANDLED = frozenset({20, 25})  # training_info, functions
+_MAX_WALK = 1 << 15  # records walked one by one (true records hidden by a false candidate) before giving up
+_VECTOR_MIN = 64  # slot rounds continue vectorised while at least this many records have fields left
+
+
+class Unsupported(Exception):
+    """The file uses a construct this reader does not decode exactly; the caller falls back to the full parse."""
+
+
+# -- scalar helpers (top-level fields, walks) -------------------------------------------------------------------------
+def _varint(data, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise Unsupported("bad varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _skip(data, pos: int, end: int, wire: int) -> int:
+    """Position after the value of a field of wire type `wire` starting at pos."""
+    if wire == 0:
+        return _varint(data, pos, end)[1]
+    if wire == 1:
+        pos += 8
+    elif wire == 2:
+        n, pos = _varint(data, pos, end)
+        pos += n
+    elif wire == 5:
+        pos += 4
+    else:
+        raise Unsupported("group or invalid wire type")
+    if pos > end:
+        raise Unsupported("truncated field")
+    return pos
+
+
+# -- vectorised helpers -----------------------------------------------------------------------------------------------
+class _Bytes:
+    """The file as uint8, and words: the 8 bytes from any offset as one little-endian uint64 (zero past the end)."""
+
+    def __init__(self, data: bytes):
+        if len(data) < 8:
+            raise Unsupported("tiny file")
+        self.n = len(data)
+        self.buf = data
+        self.u8 = np.frombuffer(data, np.uint8)
+        self._w8 = np.ndarray((len(data) - 7,), "<u8", data, 0, (1,))  # unaligned view, no copy
+
+    def word(self, pos: np.ndarray) -> np.ndarray:
+        if not len(pos) or pos.max() <= self.n - 8:
+            return self._w8[pos]
+        q = np.minimum(pos, self.n - 8)
+        return self._w8[q] >> ((pos - q) * 8).astype(np.uint64)
+
+
+def _len_varints(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(value, byte count) of the varint in the low bytes of each word (at most 5 bytes, else Unsupported)."""
+    w = (word >> np.uint64(1)).view(np.int64) << 1 | (word & np.uint64(1)).view(np.int64)  # bits 0..62 as int64
+    if not (w & 0x80).any():
+        return w & 0x7F, np.ones(len(w), np.int64)
+    value = w & 0x7F
+    n = np.ones(len(w), np.int64)
+    cont = (w >> 7) & 1
+    for k in range(1, 5):
+        byte = (w >> (8 * k)) & 0xFF
+        value |= ((byte & 0x7F) << (7 * k)) * cont
+        n += cont
+        cont &= byte >> 7
+    if cont.any():
+        raise Unsupported("length varint over 5 bytes")
+    return value, n
+
+
+def _headers(b: _Bytes, pos: np.ndarray):
+    """Tag byte, payload start and payload end of the length-delimited fields starting at `pos` (1-byte tags)."""
+    word = b.word(pos)
+    length, n = _len_varints(word >> np.uint64(8))
+    start = pos + 1 + n
+    return (word & np.uint64(0xFF)).view(np.int64), start, start + length
+
+
+def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 16):
+    """The records of one run of `tag` records from `start` (a record start) up to the first other record or stop.
+
+    Returns (record starts, payload starts, payload ends, position after the run)."""
+    out_s, out_p, out_e = [], [], []
+    pos = start
+    u8 = b.u8
+    while pos < stop and u8[pos] == tag:
+        wend = min(stop, pos + window)
+        window *= 2
+        cand = np.flatnonzero(u8[pos:wend] == tag) + pos
+        _, pstart, pend = _headers(b, cand)
+        ok = pend <= stop
+        cand, pstart, pend = cand[ok], pstart[ok], pend[ok]
+        cover = np.maximum.accumulate(pend)
+        keep = np.ones(len(cand), bool)
+        keep[1:] = cand[1:] >= cover[:-1]
+        cand, pstart, pend = cand[keep], pstart[keep], pend[keep]
+        if not len(cand) or cand[0] != pos:
+            raise Unsupported("record run does not start with a record")
+        gaps = np.flatnonzero(pend[:-1] != cand[1:])
+        walked: list[int] = []
+        nxt = None  # the position after the last verified record of this window
+        for k in list(gaps) + [len(cand) - 1]:
+            q, target = int(pend[k]), (int(cand[k + 1]) if k + 1 < len(cand) else wend)
+            while q < target:
+                if b.buf[q] != tag:  # the run ends here: kept candidates past q are not records of it
+                    nxt = q
+                    break
+                if len(walked) >= _MAX_WALK:
+                    raise Unsupported("too many hidden records")
+                walked.append(q)
+                n, p = _varint(b.buf, q + 1, stop)
+                q = p + n
+                if q > stop:
+                    raise Unsupported("truncated record")
+            if nxt is not None:
+                last = k
+                break
+            if k + 1 < len(cand) and q != target:
+                raise Unsupported("inconsistent record chain")
+            last, nxt = k, q
+        keep_to = last + 1
+        s, p_, e = cand[:keep_to], pstart[:keep_to], pend[:keep_to]
+        if walked:
+            w = np.array(walked, np.int64)
+            _, wp, we = _headers(b, w)
+            order = np.argsort(np.concatenate([s, w]), kind="stable")
+            s, p_, e = (np.concatenate([s, w])[order], np.concatenate([p_, wp])[order],
+                        np.concatenate([e, we])[order])
+        out_s.append(s)
+        out_p.append(p_)
+        out_e.append(e)
+        pos = nxt
+        if nxt < wend and (nxt >= stop or u8[nxt] != tag):
+            break
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return cat(out_s), cat(out_p), cat(out_e), pos
+
+
+def _fields(b: _Bytes, starts: np.ndarray, ends: np.ndarray, allowed: frozenset[int]):
+    """Every field of every message [starts[i], ends[i]); each field must be length-delimited with a 1-byte tag and a
+    number in `allowed`. Returns (owner, field number, field start, payload start, payload end, slot), in slot-major
+    order."""
+    owner_l, field_l, fs_l, ps_l, pe_l, slot_l = [], [], [], [], [], []
+    owner = np.arange(len(starts))
+    pos, end = starts.copy(), ends
+    slot = 0
+    allowed_tags = np.zeros(256, bool)
+    allowed_tags[[f << 3 | 2 for f in allowed]] = True
+    while len(owner):
+        live = pos < end[owner]
+        owner, pos = owner[live], pos[live]
+        if not len(owner):
+            break
+        if len(owner) < _VECTOR_MIN and slot > 16:  # a few long records (Concat of many inputs): finish one by one
+            for o, q in zip(owner.tolist(), pos.tolist()):
+                s = slot
+                e = int(end[o])
+                while q < e:
+                    q0 = q
+                    t = b.buf[q]
+                    if not allowed_tags[t]:
+                        raise Unsupported(f"field tag {t}")
+                    n, p = _varint(b.buf, q + 1, e)
+                    q = p + n
+                    if q > e:
+                        raise Unsupported("field overruns its message")
+                    owner_l.append(np.array([o]))
+                    field_l.append(np.array([t >> 3]))
+                    fs_l.append(np.array([q0]))
+                    ps_l.append(np.array([p]))
+                    pe_l.append(np.array([q]))
+                    slot_l.append(np.array([s]))
+                    s += 1
+            break
+        tag, ps, pe = _headers(b, pos)
+        if not allowed_tags[tag].all():
+            raise Unsupported("unhandled field")
+        if (pe > end[owner]).any():
+            raise Unsupported("field overruns its message")
+        owner_l.append(owner)
+        field_l.append(tag >> 3)
+        fs_l.append(pos)
+        ps_l.append(ps)
+        pe_l.append(pe)
+        slot_l.append(np.full(len(owner), slot))
+        pos = pe
+        slot += 1
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return cat(owner_l), cat(field_l), cat(fs_l), cat(ps_l), cat(pe_l), cat(slot_l)
+
+
+_P = np.uint64(0x9E3779B97F4A7C15)
+_MASKS = np.array([0] + [(1 << (8 * k)) - 1 for k in range(1, 8)] + [(1 << 64) - 1], np.uint64)
+
+
+def _words(b: _Bytes, start: np.ndarray, length: np.ndarray):
+    """The 8-byte words of each span (zero-padded), one array per word index, and a 64-bit hash per span."""
+    h = length.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+    words = []
+    j = 0
+    while (length > 8 * j).any():
+        w = b.word(start + 8 * j) & _MASKS[np.clip(length - 8 * j, 0, 8)]
+        words.append(w)
+        h = (h ^ w) * _P
+        h ^= h >> np.uint64(29)
+        j += 1
+    return words, h
+
+
+_MULT = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)]
+
+
+def _group(h: np.ndarray) -> np.ndarray:
+    """For each hash, the index of one element with the same hash (a per-hash representative), by direct-mapped
+    tables in a few rounds (no sort): elements that lose their slot to a different hash try again."""
+    n = len(h)
+    rep = np.empty(n, np.int64)
+    todo = np.arange(n)
+    for mult in _MULT:
+        k = max(4, (2 * len(todo)).bit_length())
+        hh = h[todo]
+        slot = ((hh * mult) >> np.uint64(64 - k)).view(np.int64)
+        table = np.empty(1 << k, np.int64)
+        table[slot] = todo
+        w = table[slot]
+        same = h[w] == hh
+        rep[todo[same]] = w[same]
+        todo = todo[~same]
+        if not len(todo):
+            return rep
+    raise Unsupported("hash table rounds exhausted")
+
+
+def intern(*sources: tuple[_Bytes, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids 0..d-1 of byte spans (buffer, starts, lengths) over all sources: equal byte strings, equal ids (a hash
+    collision raises Unsupported). Also returns the index (into the concatenated spans) of one span of each id."""
+    parts = [_words(b, s, n) for b, s, n in sources]
+    h = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    if not len(h):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rep = _group(h)
+    length = np.concatenate([n for _, _, n in sources]) if len(parts) > 1 else sources[0][2]
+    if (length[rep] != length).any():
+        raise Unsupported("hash collision")
+    for j in range(max(len(p[0]) for p in parts)):
+        w = np.concatenate([p[0][j] if j < len(p[0]) else np.zeros(len(p[1]), np.uint64) for p in parts])
+        if (w[rep] != w).any():
+            raise Unsupported("hash collision")
+    first = np.flatnonzero(rep == np.arange(len(rep)))
+    dense = np.empty(len(rep), np.int64)
+    dense[first] = np.arange(len(first))
+    return dense[rep], first
+
+
+class Wire:
+    """The decoded main graph. Per node i (graph order): ``op[i]`` (id into ``ops``), ``attr[i]`` (id into ``attr_keys``,
+    -1 when none), ``dom[i]`` (id into ``domains``); input/output occurrences as flat arrays (``in_node``,
+    ``in_slot``, ``in_name``), names as ids into one table shared with value_info and the graph's own records."""
+
+    def __init__(self, data: bytes):
+        b = self.b = _Bytes(data)
+        self.data = data
+        self.model, gpos, gend = self._top(data)
+        graph = self.model.graph
+        node_s, node_e, vi_s, vi_e = [], [], [], []
+        pos = gpos
+        u8 = b.u8
+        while pos < gend:  # graph records: runs of node/value_info records vectorised, the rest parsed by protobuf
+            t = data[pos]
+            if t == _NODE_TAG or t == _VI_TAG:
+                _, ps, pe, pos = _run(b, pos, gend, t)
+                (node_s if t == _NODE_TAG else vi_s).append(ps)
+                (node_e if t == _NODE_TAG else vi_e).append(pe)
+                continue
+            q = pos
+            while q < gend and data[q] not in (_NODE_TAG, _VI_TAG):
+                tag, p = _varint(data, q, gend)
+                if tag >> 3 == 0:
+                    raise Unsupported("field number 0")
+                q = _skip(data, p, gend, tag & 7)
+            try:
+                graph.MergeFromString(memoryview(data)[pos:q])
+            except (DecodeError, RuntimeError, ValueError):
+                raise Unsupported("graph field does not parse") from None
+            pos = q
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        self.node_s, self.node_e = cat(node_s), cat(node_e)
+        self.vi_s, self.vi_e = cat(vi_s), cat(vi_e)
+        self.n_nodes = len(self.node_s)
+        self._nodes()
+        self._value_info()
+        self._names()
+
+    @staticmethod
+    def _top(data: bytes):
+        end = len(data)
+        pos, graph_at = 0, None
+        while pos < end:
+            tag, p = _varint(data, pos, end)
+            field, wire = tag >> 3, tag & 7
+            if field == 0 or field in _MODEL_UNHANDLED:
+                raise Unsupported(f"model field {field}")
+            q = _skip(data, p, end, wire)
+            if field == 7:
+                if graph_at is not None or wire != 2:
+                    raise Unsupported("graph field repeated")
+                n, gpos = _varint(data, p, end)
+                graph_at = (pos, gpos, q)
+            pos = q
+        if graph_at is None:
+            raise Unsupported("no graph")
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data[: graph_at[0]] + data[graph_at[2]:])
+        except (DecodeError, RuntimeError, ValueError):
+            raise Unsupported("model fields do not parse") from None
+        model.graph.SetInParent()
+        return model, graph_at[1], graph_at[2]
+
+    def _nodes(self) -> None:
+        b = self.b
+        owner, field, fs, ps, pe, slot = _fields(b, self.node_s, self.node_e, _NODE_FIELDS)
+        n = self.n_nodes
+        counts = np.bincount(field * n + owner, minlength=10 * n).reshape(10, n)
+        if (counts[list(_NODE_SINGULAR)] > 1).any():
+            raise Unsupported("a singular node field repeated")
+        # op type and domain: one span per node (absent: the empty string)
+        self.ops, self.op = self._singular(owner, field, ps, pe, 4, n)
+        self.domains, self.dom = self._singular(owner, field, ps, pe, 7, n)
+        # attribute runs: contiguous attribute records (tag..end), interned by their bytes, parsed once each
+        att = field == 5
+        self.attr = np.full(n, -1, np.int64)
+        self.attr_keys: list[bytes] = []
+        if att.any():
+            a_owner, a_fs, a_pe = owner[att], fs[att], pe[att]
+            a_start = np.full(n, np.iinfo(np.int64).max, np.int64)
+            a_end = np.zeros(n, np.int64)
+            np.minimum.at(a_start, a_owner, a_fs)
+            np.maximum.at(a_end, a_owner, a_pe)
+            idx = np.flatnonzero(counts[5] > 0)
+            span = a_end[idx] - a_start[idx]
+            if (np.bincount(a_owner, a_pe - a_fs, minlength=n)[idx] != span).any():
+                raise Unsupported("attributes not contiguous")
+            ids, first = intern((b, a_start[idx], span))
+            self.attr[idx] = ids
+            for f in first.tolist():
+                key = bytes(b.buf[a_start[idx[f]]: a_end[idx[f]]])
+                try:
+                    onnx.NodeProto.FromString(key)
+                except (DecodeError, RuntimeError, ValueError):
+                    raise Unsupported("attribute does not parse") from None
+                self.attr_keys.append(key)
+        meta = field == 9
+        if meta.any():
+            _fields(b, ps[meta], pe[meta], frozenset({1, 2}))  # validates the entries (key, value strings)
+        # inputs and outputs, in node order then slot order
+        for f, prefix in ((1, "in"), (2, "out")):
+            sel = np.flatnonzero(field == f)
+            order = np.lexsort((slot[sel], owner[sel]))
+            sel = sel[order]
+            node = owner[sel]
+            setattr(self, f"{prefix}_node", node)
+            setattr(self, f"{prefix}_s", ps[sel])
+            setattr(self, f"{prefix}_e", pe[sel])
+            cnt = counts[f]
+            first = np.zeros(n + 1, np.int64)
+            np.cumsum(cnt, out=first[1:])
+            setattr(self, f"{prefix}_first", first)
+            setattr(self, f"{prefix}_pos", np.arange(len(sel)) - first[node])  # index within the node's list
+        if SUBGRAPH_OPS & set(self.ops):
+            raise Unsupported("subgraph ops")
+
+    @staticmethod
+    def _varlen(n: np.ndarray) -> np.ndarray:
+        """Byte count of the varint encoding of each length."""
+        out = np.ones(len(n), np.int64)
+        for k in (7, 14, 21, 28):
+            out += n >= (1 << k)
+        return out
+
+    def _singular(self, owner, field, ps, pe, f, n):
+        """Distinct strings of a singular string field (absent = '') and each node's id into them."""
+        sel = field == f
+        s = np.zeros(n, np.int64)
+        ln = np.zeros(n, np.int64)
+        s[owner[sel]] = ps[sel]
+        ln[owner[sel]] = pe[sel] - ps[sel]
+        ids, first = intern((self.b, s, ln))
+        values = [self._str(int(s[i]), int(s[i] + ln[i])) for i in first.tolist()]
+        return values, ids
+
+    def _str(self, s: int, e: int) -> str:
+        try:
+            return self.b.buf[s:e].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unsupported("string is not UTF-8") from None
+
+    def _value_info(self) -> None:
+        b = self.b
+        owner, field, _, ps, pe, _ = _fields(b, self.vi_s, self.vi_e, _VI_FIELDS)
+        n = len(self.vi_s)
+        if len(owner) and (np.bincount(owner * 4 + field, minlength=4 * n) > 1).any():
+            raise Unsupported("a value_info field repeated")
+        self.vi_name_s = np.zeros(n, np.int64)
+        self.vi_name_e = np.zeros(n, np.int64)
+        t_s = np.zeros(n, np.int64)
+        t_e = np.zeros(n, np.int64)
+        sel = field == 1
+        self.vi_name_s[owner[sel]], self.vi_name_e[owner[sel]] = ps[sel], pe[sel]
+        sel = field == 2
+        has_type = np.zeros(n, bool)
+        has_type[owner[sel]] = True
+        t_s[owner[sel]], t_e[owner[sel]] = ps[sel], pe[sel]
+        # a record without a type field has the default (empty) TypeProto, the same as an empty type field
+        ids, first = intern((b, t_s, t_e - t_s))
+        self.vi_type = ids
+        self.type_keys = [bytes(b.buf[t_s[i]: t_e[i]]) for i in first.tolist()]
+        for key in self.type_keys:
+            try:
+                onnx.TypeProto.FromString(key)
+            except (DecodeError, RuntimeError, ValueError):
+                raise Unsupported("type does not parse") from None
+
+    def _names(self) -> None:
+        """One id table for node input/output names, value_info names and the names of the graph's parsed records
+        (inputs, outputs, initializers), appended as an extra buffer."""
+        g = self.model.graph
+        extra = [v.name for v in g.input] + [v.name for v in g.output] + [t.name for t in g.initializer]
+        enc = [x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass") for x in extra]
+        lens = np.array([len(x) for x in enc], np.int64)
+        blob = b"".join(enc) + bytes(8)
+        offs = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(enc) else lens
+        self._extra = _Bytes(blob)
+        ids, first = intern((self.b, self.in_s, self.in_e - self.in_s), (self.b, self.out_s, self.out_e - self.out_s),
+                            (self.b, self.vi_name_s, self.vi_name_e - self.vi_name_s), (self._extra, offs, lens))
+        a, b2, c = len(self.in_s), len(self.out_s), len(self.vi_s)
+        starts = np.concatenate([self.in_s, self.out_s, self.vi_name_s, offs])
+        lengths = np.concatenate([self.in_e - self.in_s, self.out_e - self.out_s, self.vi_name_e - self.vi_name_s, lens])
+        self._name_s, self._name_len, self._name_extra = starts[first], lengths[first], first >= a + b2 + c
+        self.n_names = len(first)
+        self.in_name, self.out_name, self.vi_name = ids[:a], ids[a: a + b2], ids[a + b2: a + b2 + c]
+        rest = ids[a + b2 + c:]
+        ni, no = len(g.input), len(g.output)
+        self.gin_name, self.gout_name, self.init_name = rest[:ni], rest[ni: ni + no], rest[ni + no:]
+
+    # -- lookups ------------------------------------------------------------------------------------------------------
+    def name(self, i: int) -> str:
+        s = int(self._name_s[i])
+        raw = (self._extra.buf if self._name_extra[i] else self.b.buf)[s: s + int(self._name_len[i])]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw
+
+    def node(self, i: int) -> onnx.NodeProto:
+        """Node i parsed from its own bytes (what the full parse holds at graph.node[i])."""
+        return onnx.NodeProto.FromString(self.b.buf[int(self.node_s[i]): int(self.node_e[i])])
+
+    def outputs_named(self, name: str | bytes) -> np.ndarray:
+        """Indices (into the output occurrences, in graph order) of the node outputs called `name`."""
+        raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogatepass")
+        occ = np.flatnonzero(self.out_e - self.out_s == len(raw))
+        if len(raw) and len(occ):
+            occ = occ[self.b.u8[self.out_s[occ]] == raw[0]]
+        return np.array([k for k in occ.tolist() if self.b.buf[self.out_s[k]: self.out_e[k]] == raw], np.int64)
+
+    def node_inputs(self, i: int) -> np.ndarray:
+        return self.in_name[self.in_first[i]: self.in_first[i + 1]]
+
+    def node_outputs(self, i: int) -> np.ndarray:
+        return self.out_name[self.out_first[i]: self.out_first[i + 1]]
+
+
+def decode(data: bytes) -> Wire | None:
+    """The decoded graph, or None when the file needs the full parse (see the module docstring)."""
+    try:
+        return Wire(data)
+    except (Unsupported, IndexError):
+        return None
