@@ -270,8 +270,8 @@ def _validate(loaded: LoadedModel) -> None:
     name = loaded.display_name
     if loaded.wire is not None:  # every top-level field and every graph field but nodes and value_info, parsed
         model = loaded.wire.model
-        if model.ir_version <= 0 or not model.opset_import:
-            raise InputError(f"{name}: not an ONNX model (no graph, IR version or opset import)")
+        if model.ir_version <= 0 or not model.opset_import:  # as _parse says it
+            raise InputError(f"{loaded.path or '<bytes>'}: not an ONNX model (no graph, IR version or opset import)")
     else:
         model = loaded.model
     default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]

@@ -251,11 +251,15 @@ def _words(b: _Bytes, start: np.ndarray, length: np.ndarray):
     h = length.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
     words = []
     j = 0
-    while (length > 8 * j).any():
+    while True:
+        live = length > 8 * j
+        if not live.any():
+            break
         w = b.word(start + 8 * j) & _MASKS[np.clip(length - 8 * j, 0, 8)]
         words.append(w)
-        h = (h ^ w) * _P
-        h ^= h >> np.uint64(29)
+        mixed = (h ^ w) * _P
+        mixed ^= mixed >> np.uint64(29)
+        h = mixed if j == 0 else np.where(live, mixed, h)  # a span's hash depends on its own words only
         j += 1
     return words, h
 
