@@ -613,16 +613,16 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
     w, model = loaded.wire, loaded.wire.model
     comp = _compile(profile)
     g = model.graph
+    if mode not in ("auto", "never"):
+        return None
     if any(c.check not in _SIGNATURE_CHECKS for op in set(w.ops) for c, _ in comp.node_rules.get(op, [])):
         return None
-    tables = _WireTables(w, model)
-    if mode != "never" and (mode != "auto" or not wire_shapes_complete(w, tables)):
-        return None
-    dtypes = {t.data_type for t in g.initializer}
-    for key in tables.keys:
+    elems = set()
+    for key in set(w.type_keys) | {v.type.SerializeToString() for seq in (g.input, g.output) for v in seq}:
         tp = onnx.TypeProto.FromString(key)
         if tp.HasField("tensor_type"):
-            dtypes.add(tp.tensor_type.elem_type)
+            elems.add(tp.tensor_type.elem_type)
+    dtypes = elems | {t.data_type for t in g.initializer}
     facts = _Facts(dtypes)
     meta = {m.key: m.value for m in model.metadata_props}
     for rule, _ in comp.graph_rules:
@@ -630,6 +630,27 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
         if (code is not None and code in dtypes) or (rule.check == "int8_ranges"
                                                       and meta.get("attn2conv.precision") == "int8"):
             return None
+    # the nodes run_rules opens (a superset: every element type odd_dtype could hold), and the names they read
+    odd_all = {R.DTYPE_NAMES.get(c, str(c)) for c in elems if c and c not in _PLAIN_DTYPES}
+    odd_all |= {R.DTYPE_NAMES.get(t.data_type, str(t.data_type)) for t in g.initializer
+                if t.data_type not in _PLAIN_DTYPES}
+    hot = np.zeros(len(w.ops) + 1, bool)
+    for op_id, op in enumerate(w.ops):
+        in_matrix = op in profile.ops
+        maybe_dtype = comp.op_dtype_rule is not None and in_matrix and bool(
+            {_CAST_DOWN.get(n, n) for n in odd_all} - comp.allowed_dtypes.get(op, frozenset()))
+        hot[op_id] = (not in_matrix or maybe_dtype or bool(comp.node_rules.get(op))
+                      or (profile.op_rule(op) if in_matrix else None) is not None)
+    node_hot = hot[w.op]
+    if "Constant" in w.ops:
+        node_out = node_hot | (w.op == w.ops.index("Constant"))
+    else:
+        node_out = node_hot
+    outputs = np.arange(len(w.out_s)) if mode == "auto" else np.flatnonzero(node_out[w.out_node])
+    w.intern_names(np.flatnonzero(node_hot[w.in_node]), outputs)
+    tables = _WireTables(w, model)
+    if mode == "auto" and not wire_shapes_complete(w, tables):
+        return None
 
     out = _Collector(profile)
     for rule, fn in comp.graph_rules:

@@ -129,7 +129,7 @@ def _headers(b: _Bytes, pos: np.ndarray):
     return (word & np.uint64(0xFF)).view(np.int64), start, start + length
 
 
-def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 16):
+def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 18):
     """The records of one run of `tag` records from `start` (a record start) up to the first other record or stop.
 
     Returns (record starts, payload starts, payload ends, position after the run)."""
@@ -138,7 +138,7 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 16):
     u8 = b.u8
     while pos < stop and u8[pos] == tag:
         wend = min(stop, pos + window)
-        window *= 2
+        window *= 4
         cand = np.flatnonzero(u8[pos:wend] == tag) + pos
         _, pstart, pend = _headers(b, cand)
         ok = pend <= stop
@@ -191,55 +191,43 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 16):
 
 def _fields(b: _Bytes, starts: np.ndarray, ends: np.ndarray, allowed: frozenset[int]):
     """Every field of every message [starts[i], ends[i]); each field must be length-delimited with a 1-byte tag and a
-    number in `allowed`. Returns (owner, field number, field start, payload start, payload end, slot), in slot-major
-    order."""
-    owner_l, field_l, fs_l, ps_l, pe_l, slot_l = [], [], [], [], [], []
+    number in `allowed`. One vectorised round per field slot. Returns (owner, field number, field start, payload
+    start, payload end), round by round (so each owner's fields are in order)."""
+    out = []
     owner = np.arange(len(starts))
-    pos, end = starts.copy(), ends
-    slot = 0
+    pos, end = starts, ends
     allowed_tags = np.zeros(256, bool)
     allowed_tags[[f << 3 | 2 for f in allowed]] = True
-    while len(owner):
-        live = pos < end[owner]
-        owner, pos = owner[live], pos[live]
+    while True:
+        live = pos < end
+        if not live.all():
+            owner, pos, end = owner[live], pos[live], end[live]
         if not len(owner):
             break
-        if len(owner) < _VECTOR_MIN and slot > 16:  # a few long records (Concat of many inputs): finish one by one
-            for o, q in zip(owner.tolist(), pos.tolist()):
-                s = slot
-                e = int(end[o])
+        if len(owner) < _VECTOR_MIN and len(out) > 16:  # a few long records (Concat of many inputs): one by one
+            rows = []
+            for o, q, e in zip(owner.tolist(), pos.tolist(), end.tolist()):
                 while q < e:
-                    q0 = q
                     t = b.buf[q]
                     if not allowed_tags[t]:
                         raise Unsupported(f"field tag {t}")
                     n, p = _varint(b.buf, q + 1, e)
-                    q = p + n
-                    if q > e:
+                    if p + n > e:
                         raise Unsupported("field overruns its message")
-                    owner_l.append(np.array([o]))
-                    field_l.append(np.array([t >> 3]))
-                    fs_l.append(np.array([q0]))
-                    ps_l.append(np.array([p]))
-                    pe_l.append(np.array([q]))
-                    slot_l.append(np.array([s]))
-                    s += 1
+                    rows.append((o, t >> 3, q, p, p + n))
+                    q = p + n
+            out.append(tuple(np.array(c, np.int64) for c in zip(*rows)))
             break
         tag, ps, pe = _headers(b, pos)
         if not allowed_tags[tag].all():
             raise Unsupported("unhandled field")
-        if (pe > end[owner]).any():
+        if (pe > end).any():
             raise Unsupported("field overruns its message")
-        owner_l.append(owner)
-        field_l.append(tag >> 3)
-        fs_l.append(pos)
-        ps_l.append(ps)
-        pe_l.append(pe)
-        slot_l.append(np.full(len(owner), slot))
+        out.append((owner, tag >> 3, pos, ps, pe))
         pos = pe
-        slot += 1
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-    return cat(owner_l), cat(field_l), cat(fs_l), cat(ps_l), cat(pe_l), cat(slot_l)
+    if not out:
+        return tuple(np.zeros(0, np.int64) for _ in range(5))
+    return tuple(np.concatenate(c) for c in zip(*out))
 
 
 _P = np.uint64(0x9E3779B97F4A7C15)
@@ -347,7 +335,6 @@ class Wire:
         self.n_nodes = len(self.node_s)
         self._nodes()
         self._value_info()
-        self._names()
 
     @staticmethod
     def _top(data: bytes):
@@ -377,25 +364,32 @@ class Wire:
 
     def _nodes(self) -> None:
         b = self.b
-        owner, field, fs, ps, pe, slot = _fields(b, self.node_s, self.node_e, _NODE_FIELDS)
+        owner, field, fs, ps, pe = _fields(b, self.node_s, self.node_e, _NODE_FIELDS)
         n = self.n_nodes
         counts = np.bincount(field * n + owner, minlength=10 * n).reshape(10, n)
         if (counts[list(_NODE_SINGULAR)] > 1).any():
             raise Unsupported("a singular node field repeated")
         # op type and domain: one span per node (absent: the empty string)
         self.ops, self.op = self._singular(owner, field, ps, pe, 4, n)
-        self.domains, self.dom = self._singular(owner, field, ps, pe, 7, n)
+        if counts[7].any():
+            self.domains, self.dom = self._singular(owner, field, ps, pe, 7, n)
+        else:
+            self.domains, self.dom = [""], np.zeros(n, np.int64)
+        if SUBGRAPH_OPS & set(self.ops):
+            raise Unsupported("subgraph ops")
         # attribute runs: contiguous attribute records (tag..end), interned by their bytes, parsed once each
-        att = field == 5
         self.attr = np.full(n, -1, np.int64)
         self.attr_keys: list[bytes] = []
-        if att.any():
+        att = np.flatnonzero(field == 5)
+        if len(att):
             a_owner, a_fs, a_pe = owner[att], fs[att], pe[att]
-            a_start = np.full(n, np.iinfo(np.int64).max, np.int64)
+            idx = np.flatnonzero(counts[5])
+            a_start = np.zeros(n, np.int64)
             a_end = np.zeros(n, np.int64)
-            np.minimum.at(a_start, a_owner, a_fs)
-            np.maximum.at(a_end, a_owner, a_pe)
-            idx = np.flatnonzero(counts[5] > 0)
+            # each owner's fields come in order: its first and its last attribute record (were fancy assignment
+            # not sequential, the length test below would fail and the file would take the full path)
+            a_start[a_owner[::-1]] = a_fs[::-1]
+            a_end[a_owner] = a_pe
             span = a_end[idx] - a_start[idx]
             if (np.bincount(a_owner, a_pe - a_fs, minlength=n)[idx] != span).any():
                 raise Unsupported("attributes not contiguous")
@@ -404,29 +398,25 @@ class Wire:
             for f in first.tolist():
                 key = bytes(b.buf[a_start[idx[f]]: a_end[idx[f]]])
                 try:
-                    onnx.NodeProto.FromString(key)
+                    parsed = onnx.NodeProto.FromString(key)
                 except (DecodeError, RuntimeError, ValueError):
                     raise Unsupported("attribute does not parse") from None
+                if any(a.HasField("g") or a.graphs or a.HasField("tp") or a.type_protos for a in parsed.attribute):
+                    raise Unsupported("graph or type attribute")  # nesting depth as the full parse sees it
                 self.attr_keys.append(key)
-        meta = field == 9
-        if meta.any():
+        meta = np.flatnonzero(field == 9)
+        if len(meta):
             _fields(b, ps[meta], pe[meta], frozenset({1, 2}))  # validates the entries (key, value strings)
-        # inputs and outputs, in node order then slot order
+        # inputs and outputs, node by node (a stable sort of round-major runs), slot order within a node
         for f, prefix in ((1, "in"), (2, "out")):
             sel = np.flatnonzero(field == f)
-            order = np.lexsort((slot[sel], owner[sel]))
-            sel = sel[order]
-            node = owner[sel]
-            setattr(self, f"{prefix}_node", node)
+            sel = sel[np.argsort(owner[sel], kind="stable")]
+            setattr(self, f"{prefix}_node", owner[sel])
             setattr(self, f"{prefix}_s", ps[sel])
             setattr(self, f"{prefix}_e", pe[sel])
-            cnt = counts[f]
             first = np.zeros(n + 1, np.int64)
-            np.cumsum(cnt, out=first[1:])
+            np.cumsum(counts[f], out=first[1:])
             setattr(self, f"{prefix}_first", first)
-            setattr(self, f"{prefix}_pos", np.arange(len(sel)) - first[node])  # index within the node's list
-        if SUBGRAPH_OPS & set(self.ops):
-            raise Unsupported("subgraph ops")
 
     @staticmethod
     def _varlen(n: np.ndarray) -> np.ndarray:
@@ -455,7 +445,7 @@ class Wire:
 
     def _value_info(self) -> None:
         b = self.b
-        owner, field, _, ps, pe, _ = _fields(b, self.vi_s, self.vi_e, _VI_FIELDS)
+        owner, field, _, ps, pe = _fields(b, self.vi_s, self.vi_e, _VI_FIELDS)
         n = len(self.vi_s)
         if len(owner) and (np.bincount(owner * 4 + field, minlength=4 * n) > 1).any():
             raise Unsupported("a value_info field repeated")
@@ -479,25 +469,30 @@ class Wire:
             except (DecodeError, RuntimeError, ValueError):
                 raise Unsupported("type does not parse") from None
 
-    def _names(self) -> None:
-        """One id table for node input/output names, value_info names and the names of the graph's parsed records
-        (inputs, outputs, initializers), appended as an extra buffer."""
+    def intern_names(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        """Name ids (``in_name``, ``out_name``: -1 where not asked for) for the selected input and output
+        occurrences, value_info names (``vi_name``) and the names of the graph's parsed inputs, outputs and
+        initializers (``gin_name``, ``gout_name``, ``init_name``), all in one id table (``n_names`` ids)."""
         g = self.model.graph
         extra = [v.name for v in g.input] + [v.name for v in g.output] + [t.name for t in g.initializer]
         enc = [x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass") for x in extra]
         lens = np.array([len(x) for x in enc], np.int64)
-        blob = b"".join(enc) + bytes(8)
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(enc) else lens
-        self._extra = _Bytes(blob)
-        ids, first = intern((self.b, self.in_s, self.in_e - self.in_s), (self.b, self.out_s, self.out_e - self.out_s),
-                            (self.b, self.vi_name_s, self.vi_name_e - self.vi_name_s), (self._extra, offs, lens))
-        a, b2, c = len(self.in_s), len(self.out_s), len(self.vi_s)
-        starts = np.concatenate([self.in_s, self.out_s, self.vi_name_s, offs])
-        lengths = np.concatenate([self.in_e - self.in_s, self.out_e - self.out_s, self.vi_name_e - self.vi_name_s, lens])
-        self._name_s, self._name_len, self._name_extra = starts[first], lengths[first], first >= a + b2 + c
+        self._extra = _Bytes(b"".join(enc) + bytes(8))
+        spans = [(self.in_s[inputs], self.in_e[inputs] - self.in_s[inputs]),
+                 (self.out_s[outputs], self.out_e[outputs] - self.out_s[outputs]),
+                 (self.vi_name_s, self.vi_name_e - self.vi_name_s)]
+        ids, first = intern(*[(self.b, s, n) for s, n in spans], (self._extra, offs, lens))
+        starts = np.concatenate([s for s, _ in spans] + [offs])
+        lengths = np.concatenate([n for _, n in spans] + [lens])
+        cut = np.cumsum([len(s) for s, _ in spans])
+        self._name_s, self._name_len, self._name_extra = starts[first], lengths[first], first >= cut[-1]
         self.n_names = len(first)
-        self.in_name, self.out_name, self.vi_name = ids[:a], ids[a: a + b2], ids[a + b2: a + b2 + c]
-        rest = ids[a + b2 + c:]
+        self.in_name = np.full(len(self.in_s), -1, np.int64)
+        self.out_name = np.full(len(self.out_s), -1, np.int64)
+        self.in_name[inputs], self.out_name[outputs] = ids[: cut[0]], ids[cut[0]: cut[1]]
+        self.vi_name = ids[cut[1]: cut[2]]
+        rest = ids[cut[2]:]
         ni, no = len(g.input), len(g.output)
         self.gin_name, self.gout_name, self.init_name = rest[:ni], rest[ni: ni + no], rest[ni + no:]
 
