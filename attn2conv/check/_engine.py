@@ -551,7 +551,10 @@ class _WireTables:
         self.n_gin, self.n_gout = len(w.gin_name), len(w.gout_name)
         last = np.full(n, -1, np.int64)
         if len(rec_name):
-            np.maximum.at(last, rec_name, np.arange(len(rec_name)))
+            at = np.arange(len(rec_name))
+            last[rec_name] = at  # the last record of each name (sequential assignment; verified, else ufunc.at)
+            if (last[rec_name] < at).any():
+                np.maximum.at(last, rec_name, at)
         n_init = len(init_vals)
         self.cls = np.where(last >= 0, n_init + rec_type[np.maximum(last, 0)], -1)
         self.is_init = np.zeros(n, bool)

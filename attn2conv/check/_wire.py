@@ -103,33 +103,36 @@ class _Bytes:
         return self._w8[q] >> ((pos - q) * 8).astype(np.uint64)
 
 
-def _len_varints(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(value, byte count) of the varint in the low bytes of each word (at most 5 bytes, else Unsupported)."""
-    w = (word >> np.uint64(1)).view(np.int64) << 1 | (word & np.uint64(1)).view(np.int64)  # bits 0..62 as int64
-    if not (w & 0x80).any():
-        return w & 0x7F, np.ones(len(w), np.int64)
+def _len_varints(w: np.ndarray) -> tuple[np.ndarray, np.ndarray | int]:
+    """(value, byte count) of the varint in the low bytes of each int64 (at most 5 bytes, else Unsupported)."""
+    long = np.flatnonzero(w & 0x80)
+    if not len(long):
+        return w & 0x7F, 1
     value = w & 0x7F
     n = np.ones(len(w), np.int64)
-    cont = (w >> 7) & 1
+    x = w[long]
+    v, k_n = x & 0x7F, np.ones(len(long), np.int64)
+    cont = (x >> 7) & 1
     for k in range(1, 5):
-        byte = (w >> (8 * k)) & 0xFF
-        value |= ((byte & 0x7F) << (7 * k)) * cont
-        n += cont
+        byte = (x >> (8 * k)) & 0xFF
+        v |= ((byte & 0x7F) << (7 * k)) * cont
+        k_n += cont
         cont &= byte >> 7
     if cont.any():
         raise Unsupported("length varint over 5 bytes")
+    value[long], n[long] = v, k_n
     return value, n
 
 
 def _headers(b: _Bytes, pos: np.ndarray):
     """Tag byte, payload start and payload end of the length-delimited fields starting at `pos` (1-byte tags)."""
-    word = b.word(pos)
-    length, n = _len_varints(word >> np.uint64(8))
+    word = b.word(pos).view(np.int64)  # the sign bit is the 8th byte's: shifted out below
+    length, n = _len_varints((word >> 8) & 0xFFFFFFFFFF)
     start = pos + 1 + n
-    return (word & np.uint64(0xFF)).view(np.int64), start, start + length
+    return word & 0xFF, start, start + length
 
 
-def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 18):
+def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 17):
     """The records of one run of `tag` records from `start` (a record start) up to the first other record or stop.
 
     Returns (record starts, payload starts, payload ends, position after the run)."""
@@ -138,7 +141,7 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 18):
     u8 = b.u8
     while pos < stop and u8[pos] == tag:
         wend = min(stop, pos + window)
-        window *= 4
+        window = min(2 * window, 1 << 20)
         cand = np.flatnonzero(u8[pos:wend] == tag) + pos
         _, pstart, pend = _headers(b, cand)
         ok = pend <= stop
@@ -191,8 +194,8 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 18):
 
 def _fields(b: _Bytes, starts: np.ndarray, ends: np.ndarray, allowed: frozenset[int]):
     """Every field of every message [starts[i], ends[i]); each field must be length-delimited with a 1-byte tag and a
-    number in `allowed`. One vectorised round per field slot. Returns (owner, field number, field start, payload
-    start, payload end), round by round (so each owner's fields are in order)."""
+    number in `allowed`. One vectorised round per field slot. Returns a list of rounds (owner, field number, field
+    start, payload start, payload end): each owner at most once per round, its fields in order over the rounds."""
     out = []
     owner = np.arange(len(starts))
     pos, end = starts, ends
@@ -216,7 +219,7 @@ def _fields(b: _Bytes, starts: np.ndarray, ends: np.ndarray, allowed: frozenset[
                         raise Unsupported("field overruns its message")
                     rows.append((o, t >> 3, q, p, p + n))
                     q = p + n
-            out.append(tuple(np.array(c, np.int64) for c in zip(*rows)))
+            out.extend(_rows_as_rounds(rows))
             break
         tag, ps, pe = _headers(b, pos)
         if not allowed_tags[tag].all():
@@ -225,9 +228,25 @@ def _fields(b: _Bytes, starts: np.ndarray, ends: np.ndarray, allowed: frozenset[
             raise Unsupported("field overruns its message")
         out.append((owner, tag >> 3, pos, ps, pe))
         pos = pe
-    if not out:
-        return tuple(np.zeros(0, np.int64) for _ in range(5))
-    return tuple(np.concatenate(c) for c in zip(*out))
+    return out
+
+
+def _rows_as_rounds(rows: list[tuple]) -> list[tuple]:
+    """Field rows (owner, field, ...) of a few messages, in message order, as rounds: each owner at most once per
+    round, each owner's fields in order."""
+    by_owner: dict[int, list] = {}
+    for r in rows:
+        by_owner.setdefault(r[0], []).append(r)
+    out = []
+    for k in range(max(map(len, by_owner.values()), default=0)):
+        batch = [fs[k] for fs in by_owner.values() if len(fs) > k]
+        out.append(tuple(np.array(c, np.int64) for c in zip(*batch)))
+    return out
+
+
+def _cat(rounds, j: int, sel) -> np.ndarray:
+    parts = [r[j][m] for r, m in zip(rounds, sel)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 _P = np.uint64(0x9E3779B97F4A7C15)
@@ -263,10 +282,10 @@ def _group(h: np.ndarray) -> np.ndarray:
     rep = np.empty(n, np.int64)
     todo = np.arange(n)
     for mult in _MULT:
-        k = max(4, (2 * len(todo)).bit_length())
+        k = max(4, (8 * len(todo)).bit_length())  # a sparse table: few elements lose their slot
         hh = h[todo]
         slot = ((hh * mult) >> np.uint64(64 - k)).view(np.int64)
-        table = np.empty(1 << k, np.int64)
+        table = np.empty(1 << k, np.int32)
         table[slot] = todo
         w = table[slot]
         same = h[w] == hh
@@ -364,15 +383,31 @@ class Wire:
 
     def _nodes(self) -> None:
         b = self.b
-        owner, field, fs, ps, pe = _fields(b, self.node_s, self.node_e, _NODE_FIELDS)
+        rounds = _fields(b, self.node_s, self.node_e, _NODE_FIELDS)
         n = self.n_nodes
-        counts = np.bincount(field * n + owner, minlength=10 * n).reshape(10, n)
-        if (counts[list(_NODE_SINGULAR)] > 1).any():
-            raise Unsupported("a singular node field repeated")
-        # op type and domain: one span per node (absent: the empty string)
-        self.ops, self.op = self._singular(owner, field, ps, pe, 4, n)
-        if counts[7].any():
-            self.domains, self.dom = self._singular(owner, field, ps, pe, 7, n)
+        # op type and domain: the last occurrence in a node (as protobuf keeps it); absent: the empty string
+        op_s, op_e = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        dom_s, dom_e = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        a_start, a_end, a_total = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        sel = {f: [] for f in (1, 2, 5, 9)}
+        for owner, field, fs, ps, pe in rounds:
+            m = field == 4
+            op_s[owner[m]], op_e[owner[m]] = ps[m], pe[m]
+            m = field == 7
+            if m.any():
+                dom_s[owner[m]], dom_e[owner[m]] = ps[m], pe[m]
+            m = field == 5
+            if m.any():
+                o = owner[m]
+                first = a_end[o] == 0
+                a_start[o[first]] = fs[m][first]
+                a_end[o] = pe[m]
+                a_total[o] += pe[m] - fs[m]
+            for f in sel:
+                sel[f].append(field == f)
+        self.ops, self.op = self._strings(op_s, op_e)
+        if dom_e.any():
+            self.domains, self.dom = self._strings(dom_s, dom_e)
         else:
             self.domains, self.dom = [""], np.zeros(n, np.int64)
         if SUBGRAPH_OPS & set(self.ops):
@@ -380,18 +415,10 @@ class Wire:
         # attribute runs: contiguous attribute records (tag..end), interned by their bytes, parsed once each
         self.attr = np.full(n, -1, np.int64)
         self.attr_keys: list[bytes] = []
-        att = np.flatnonzero(field == 5)
-        if len(att):
-            a_owner, a_fs, a_pe = owner[att], fs[att], pe[att]
-            idx = np.flatnonzero(counts[5])
-            a_start = np.zeros(n, np.int64)
-            a_end = np.zeros(n, np.int64)
-            # each owner's fields come in order: its first and its last attribute record (were fancy assignment
-            # not sequential, the length test below would fail and the file would take the full path)
-            a_start[a_owner[::-1]] = a_fs[::-1]
-            a_end[a_owner] = a_pe
+        idx = np.flatnonzero(a_end)
+        if len(idx):
             span = a_end[idx] - a_start[idx]
-            if (np.bincount(a_owner, a_pe - a_fs, minlength=n)[idx] != span).any():
+            if (a_total[idx] != span).any():
                 raise Unsupported("attributes not contiguous")
             ids, first = intern((b, a_start[idx], span))
             self.attr[idx] = ids
@@ -404,18 +431,18 @@ class Wire:
                 if any(a.HasField("g") or a.graphs or a.HasField("tp") or a.type_protos for a in parsed.attribute):
                     raise Unsupported("graph or type attribute")  # nesting depth as the full parse sees it
                 self.attr_keys.append(key)
-        meta = np.flatnonzero(field == 9)
-        if len(meta):
-            _fields(b, ps[meta], pe[meta], frozenset({1, 2}))  # validates the entries (key, value strings)
+        if any(x.any() for x in sel[9]):  # metadata entries: validated field by field (key, value strings)
+            _fields(b, _cat(rounds, 3, sel[9]), _cat(rounds, 4, sel[9]), frozenset({1, 2}))
         # inputs and outputs, node by node (a stable sort of round-major runs), slot order within a node
         for f, prefix in ((1, "in"), (2, "out")):
-            sel = np.flatnonzero(field == f)
-            sel = sel[np.argsort(owner[sel], kind="stable")]
-            setattr(self, f"{prefix}_node", owner[sel])
-            setattr(self, f"{prefix}_s", ps[sel])
-            setattr(self, f"{prefix}_e", pe[sel])
+            owner = _cat(rounds, 0, sel[f])
+            order = np.argsort(owner, kind="stable")
+            owner = owner[order]
+            setattr(self, f"{prefix}_node", owner)
+            setattr(self, f"{prefix}_s", _cat(rounds, 3, sel[f])[order])
+            setattr(self, f"{prefix}_e", _cat(rounds, 4, sel[f])[order])
             first = np.zeros(n + 1, np.int64)
-            np.cumsum(counts[f], out=first[1:])
+            np.cumsum(np.bincount(owner, minlength=n), out=first[1:])
             setattr(self, f"{prefix}_first", first)
 
     @staticmethod
@@ -426,16 +453,10 @@ class Wire:
             out += n >= (1 << k)
         return out
 
-    def _singular(self, owner, field, ps, pe, f, n):
-        """Distinct strings of a singular string field (absent = '') and each node's id into them."""
-        sel = field == f
-        s = np.zeros(n, np.int64)
-        ln = np.zeros(n, np.int64)
-        s[owner[sel]] = ps[sel]
-        ln[owner[sel]] = pe[sel] - ps[sel]
-        ids, first = intern((self.b, s, ln))
-        values = [self._str(int(s[i]), int(s[i] + ln[i])) for i in first.tolist()]
-        return values, ids
+    def _strings(self, s: np.ndarray, e: np.ndarray):
+        """Distinct strings of per-node spans and each node's id into them."""
+        ids, first = intern((self.b, s, e - s))
+        return [self._str(int(s[i]), int(e[i])) for i in first.tolist()], ids
 
     def _str(self, s: int, e: int) -> str:
         try:
@@ -445,29 +466,30 @@ class Wire:
 
     def _value_info(self) -> None:
         b = self.b
-        owner, field, _, ps, pe = _fields(b, self.vi_s, self.vi_e, _VI_FIELDS)
         n = len(self.vi_s)
-        if len(owner) and (np.bincount(owner * 4 + field, minlength=4 * n) > 1).any():
-            raise Unsupported("a value_info field repeated")
-        self.vi_name_s = np.zeros(n, np.int64)
-        self.vi_name_e = np.zeros(n, np.int64)
-        t_s = np.zeros(n, np.int64)
-        t_e = np.zeros(n, np.int64)
-        sel = field == 1
-        self.vi_name_s[owner[sel]], self.vi_name_e[owner[sel]] = ps[sel], pe[sel]
-        sel = field == 2
+        self.vi_name_s, self.vi_name_e = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        t_s, t_e = np.zeros(n, np.int64), np.zeros(n, np.int64)
         has_type = np.zeros(n, bool)
-        has_type[owner[sel]] = True
-        t_s[owner[sel]], t_e[owner[sel]] = ps[sel], pe[sel]
+        for owner, field, _, ps, pe in _fields(b, self.vi_s, self.vi_e, _VI_FIELDS):
+            m = field == 1  # the name: the last occurrence, as protobuf keeps it
+            self.vi_name_s[owner[m]], self.vi_name_e[owner[m]] = ps[m], pe[m]
+            m = field == 2
+            o = owner[m]
+            if has_type[o].any():  # a repeated message field is merged by protobuf: not decoded here
+                raise Unsupported("value_info type repeated")
+            has_type[o] = True
+            t_s[o], t_e[o] = ps[m], pe[m]
         # a record without a type field has the default (empty) TypeProto, the same as an empty type field
         ids, first = intern((b, t_s, t_e - t_s))
         self.vi_type = ids
         self.type_keys = [bytes(b.buf[t_s[i]: t_e[i]]) for i in first.tolist()]
         for key in self.type_keys:
             try:
-                onnx.TypeProto.FromString(key)
+                tp = onnx.TypeProto.FromString(key)
             except (DecodeError, RuntimeError, ValueError):
                 raise Unsupported("type does not parse") from None
+            if tp.WhichOneof("value") not in (None, "tensor_type"):  # nested types: depth as the full parse sees it
+                raise Unsupported("non-tensor type")
 
     def intern_names(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
         """Name ids (``in_name``, ``out_name``: -1 where not asked for) for the selected input and output
