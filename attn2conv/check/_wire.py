@@ -84,6 +84,35 @@ def _skip(data, pos: int, end: int, wire: int) -> int:
     return pos
 
 
+_INIT_TAG = 0x2A  # GraphProto.initializer = 5
+_RAW_DATA = 9  # TensorProto.raw_data: bytes, any content parses
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _without_raw_data(data: bytes, start: int, end: int) -> bytes | None:
+    """The TensorProto record [start, end) without its raw_data fields, or None when it has none."""
+    pos, keep, cut = start, [], False
+    while pos < end:
+        tag, p = _varint(data, pos, end)
+        q = _skip(data, p, end, tag & 7)
+        if tag >> 3 == _RAW_DATA:
+            if tag & 7 != 2:
+                raise Unsupported("raw_data of another wire type")
+            cut = True
+        else:
+            keep.append(data[pos:q])
+        pos = q
+    return b"".join(keep) if cut else None
+
+
 # -- vectorised helpers -----------------------------------------------------------------------------------------------
 class _Bytes:
     """The file as uint8, and words: the 8 bytes from any offset as one little-endian uint64 (zero past the end)."""
@@ -337,14 +366,24 @@ class Wire:
                 (node_s if t == _NODE_TAG else vi_s).append(ps)
                 (node_e if t == _NODE_TAG else vi_e).append(pe)
                 continue
-            q = pos
+            q, pieces = pos, []
             while q < gend and data[q] not in (_NODE_TAG, _VI_TAG):
+                rec = q
                 tag, p = _varint(data, q, gend)
                 if tag >> 3 == 0:
                     raise Unsupported("field number 0")
                 q = _skip(data, p, gend, tag & 7)
+                if tag == _INIT_TAG:
+                    n, ps = _varint(data, p, gend)
+                    stripped = _without_raw_data(data, ps, q)
+                    if stripped is not None:  # the weights are never read here: not copied either
+                        pieces.append(memoryview(data)[pos:rec])
+                        pieces.append(bytes([_INIT_TAG]) + _encode_varint(len(stripped)) + stripped)
+                        pos = q
+            pieces.append(memoryview(data)[pos:q])
             try:
-                graph.MergeFromString(memoryview(data)[pos:q])
+                for piece in pieces:
+                    graph.MergeFromString(piece)
             except (DecodeError, RuntimeError, ValueError):
                 raise Unsupported("graph field does not parse") from None
             pos = q
