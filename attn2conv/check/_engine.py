@@ -565,7 +565,7 @@ class _WireTables:
         self.n_init = n_init
         self._decoded = {}
         # first Constant node order per output name
-        self.const_at = np.full(n, np.iinfo(np.int64).max, np.int64)
+        self.const_at = np.full(n, 1 << 62, np.int64)
         if "Constant" in w.ops:
             nodes = np.flatnonzero(w.op == w.ops.index("Constant"))
             occ = np.flatnonzero(np.isin(w.out_node, nodes))
@@ -802,8 +802,6 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
             cols.append(np.where(n_in[nodes] > 0, odd_arr[iid], 0))
         rows = np.stack(cols, axis=1).astype(np.int64)
         ids = _wire_rows(rows)
-        first = np.full(ids.max() + 1, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(first, ids, nodes)
         order = np.argsort(ids, kind="stable")
         bounds = np.flatnonzero(np.diff(ids[order])) + 1
         for members in np.split(nodes[order], bounds):

@@ -172,13 +172,16 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 17):
         wend = min(stop, pos + window)
         window = min(2 * window, 1 << 20)
         cand = np.flatnonzero(u8[pos:wend] == tag) + pos
-        _, pstart, pend = _headers(b, cand)
-        ok = pend <= stop
-        cand, pstart, pend = cand[ok], pstart[ok], pend[ok]
+        length, n = _len_varints((b.word(cand + 1).view(np.int64)) & 0xFFFFFFFFFF)
+        pend = cand + 1 + n + length
+        if pend.max() > stop:  # an extent past the graph: a false candidate (true records end inside it)
+            ok = np.flatnonzero(pend <= stop)
+            cand, length, pend = cand[ok], length[ok], pend[ok]
         cover = np.maximum.accumulate(pend)
-        keep = np.ones(len(cand), bool)
-        keep[1:] = cand[1:] >= cover[:-1]
-        cand, pstart, pend = cand[keep], pstart[keep], pend[keep]
+        keep = np.flatnonzero(cand[1:] >= cover[:-1]) + 1
+        keep = np.concatenate([[0], keep]) if len(cand) else keep
+        cand, pend = cand[keep], pend[keep]
+        pstart = pend - length[keep]
         if not len(cand) or cand[0] != pos:
             raise Unsupported("record run does not start with a record")
         gaps = np.flatnonzero(pend[:-1] != cand[1:])
@@ -291,10 +294,9 @@ def _words(b: _Bytes, start: np.ndarray, length: np.ndarray):
         live = length > 8 * j
         if not live.any():
             break
-        w = b.word(start + 8 * j) & _MASKS[np.clip(length - 8 * j, 0, 8)]
+        w = b.word(start + 8 * j) & _MASKS[np.minimum(np.maximum(length - 8 * j, 0), 8)]
         words.append(w)
         mixed = (h ^ w) * _P
-        mixed ^= mixed >> np.uint64(29)
         h = mixed if j == 0 else np.where(live, mixed, h)  # a span's hash depends on its own words only
         j += 1
     return words, h
