@@ -235,10 +235,15 @@ def test_wire_path_is_taken_for_plain_graphs(long_names, mode):
     check(data, "trt-safe", shape_inference=mode)  # cross-checked
 
 
+# a float whose bytes 0A 7F 12 3C read as a node record: tag, length 127, then a NodeProto field tag
+_FAKE_RECORD = bytes([0x0A, 0x7F, 0x12, 0x3C])
+_ALPHA = float(np.frombuffer(_FAKE_RECORD, "<f4")[0])
+
+
 def _wide_conv_chain():
     """A chain whose Conv weights break DLA's kernel limit and whose tensors break trt-safe's channel limit."""
     nodes = [h.make_node("Conv", ["x", "w"], ["c0"], name="conv0", kernel_shape=[9, 9], pads=[4] * 4),
-             h.make_node("LeakyRelu", ["c0"], ["r0"], name="lrelu0", alpha=0.01),  # 0.01f holds a 0x0A byte
+             h.make_node("LeakyRelu", ["c0"], ["r0"], name="lrelu0", alpha=_ALPHA),
              h.make_node("Conv", ["r0", "w"], ["c1"], name="conv1", kernel_shape=[9, 9], pads=[4] * 4),
              h.make_node("Relu", ["c1"], ["y"], name="relu0")]
     wide = [1, 8000, 4, 4]
@@ -314,10 +319,10 @@ def test_wire_reads_metadata_and_skips_weights():
 
 
 def test_wire_finds_records_hidden_by_a_false_candidate(monkeypatch):
-    # LeakyRelu's alpha 0.01f is the bytes 0A D7 23 3C: a node-tag candidate whose "length" covers the next nodes;
-    # they are found by walking from the record before them (without the walk the file is not decoded)
+    # LeakyRelu's alpha is a plausible node record whose "length" covers the next nodes; they are found by walking
+    # from the record before them (without the walk the file is not decoded)
     data = _wide_conv_chain().SerializeToString()
-    assert bytes([0x0A, 0xD7, 0x23, 0x3C]) in data
+    assert _FAKE_RECORD in data
     assert _wire.decode(data).n_nodes == 4
     monkeypatch.setattr(_wire, "_MAX_WALK", 0)
     assert _wire.decode(data) is None

@@ -44,6 +44,8 @@ _NODE_FIELDS = frozenset(range(1, 10))  # NodeProto 1..9 (device_configurations 
 _NODE_SINGULAR = (3, 4, 6, 7, 8)  # name, op_type, doc_string, domain, overload
 _VI_FIELDS = frozenset({1, 2, 3})  # ValueInfoProto name, type, doc_string (metadata_props = 4 not handled)
 _MODEL_UNHANDLED = frozenset({20, 25})  # training_info, functions
+_NODE_FIRST = np.zeros(256, bool)  # the tag bytes a NodeProto can start with (any field, length-delimited)
+_NODE_FIRST[[f << 3 | 2 for f in range(1, 11)]] = True
 _MAX_WALK = 1 << 15  # records walked one by one (true records hidden by a false candidate) before giving up
 _VECTOR_MIN = 64  # slot rounds continue vectorised while at least this many records have fields left
 
@@ -161,8 +163,13 @@ def _headers(b: _Bytes, pos: np.ndarray):
     return word & 0xFF, start, start + length
 
 
-def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 17):
+def _run(b: _Bytes, start: int, stop: int, tag: int, first_tags: np.ndarray | None = None, window: int = 1 << 17):
     """The records of one run of `tag` records from `start` (a record start) up to the first other record or stop.
+
+    `first_tags` (256 bools), when given, are the tag bytes a record's payload can start with: candidates whose
+    payload starts otherwise are dropped before the covering test. Were a true record dropped (it would then be
+    malformed), the walk from the record before it finds it and the chain test rejects any false candidate kept
+    inside it, so the result is still exact or Unsupported.
 
     Returns (record starts, payload starts, payload ends, position after the run)."""
     out_s, out_p, out_e = [], [], []
@@ -174,6 +181,10 @@ def _run(b: _Bytes, start: int, stop: int, tag: int, window: int = 1 << 17):
         cand = np.flatnonzero(u8[pos:wend] == tag) + pos
         length, n = _len_varints((b.word(cand + 1).view(np.int64)) & 0xFFFFFFFFFF)
         pend = cand + 1 + n + length
+        if first_tags is not None:  # a record's payload starts with a field tag (or is empty): drop the others
+            plausible = np.flatnonzero(first_tags[u8[np.minimum(pend - length, b.n - 1)]] | (length == 0))
+            if len(plausible) < len(cand):
+                cand, length, pend = cand[plausible], length[plausible], pend[plausible]
         if pend.max() > stop:  # an extent past the graph: a false candidate (true records end inside it)
             ok = np.flatnonzero(pend <= stop)
             cand, length, pend = cand[ok], length[ok], pend[ok]
@@ -330,18 +341,21 @@ def _group(h: np.ndarray) -> np.ndarray:
 def intern(*sources: tuple[_Bytes, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Ids 0..d-1 of byte spans (buffer, starts, lengths) over all sources: equal byte strings, equal ids (a hash
     collision raises Unsupported). Also returns the index (into the concatenated spans) of one span of each id."""
-    parts = [_words(b, s, n) for b, s, n in sources]
-    h = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    if not len(h):
+    length = np.concatenate([n for _, _, n in sources]) if len(sources) > 1 else sources[0][2]
+    if not len(length):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rep = _group(h)
-    length = np.concatenate([n for _, _, n in sources]) if len(parts) > 1 else sources[0][2]
-    if (length[rep] != length).any():
-        raise Unsupported("hash collision")
-    for j in range(max(len(p[0]) for p in parts)):
-        w = np.concatenate([p[0][j] if j < len(p[0]) else np.zeros(len(p[1]), np.uint64) for p in parts])
-        if (w[rep] != w).any():
+    if length.max() <= 7:  # short strings: the zero-padded word and the length are the key itself, exactly
+        keys = [b.word(s) & _MASKS[n] | (n.astype(np.uint64) << np.uint64(56)) for b, s, n in sources]
+        rep = _group(np.concatenate(keys) if len(keys) > 1 else keys[0])
+    else:
+        parts = [_words(b, s, n) for b, s, n in sources]
+        rep = _group(np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1])
+        if (length[rep] != length).any():
             raise Unsupported("hash collision")
+        for j in range(max(len(p[0]) for p in parts)):
+            w = np.concatenate([p[0][j] if j < len(p[0]) else np.zeros(len(p[1]), np.uint64) for p in parts])
+            if (w[rep] != w).any():
+                raise Unsupported("hash collision")
     first = np.flatnonzero(rep == np.arange(len(rep)))
     dense = np.empty(len(rep), np.int64)
     dense[first] = np.arange(len(first))
@@ -364,7 +378,7 @@ class Wire:
         while pos < gend:  # graph records: runs of node/value_info records vectorised, the rest parsed by protobuf
             t = data[pos]
             if t == _NODE_TAG or t == _VI_TAG:
-                _, ps, pe, pos = _run(b, pos, gend, t)
+                _, ps, pe, pos = _run(b, pos, gend, t, _NODE_FIRST if t == _NODE_TAG else None)
                 (node_s if t == _NODE_TAG else vi_s).append(ps)
                 (node_e if t == _NODE_TAG else vi_e).append(pe)
                 continue
