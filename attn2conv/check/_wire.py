@@ -446,20 +446,22 @@ class Wire:
         a_start, a_end, a_total = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
         sel = {f: [] for f in (1, 2, 5, 9)}
         for owner, field, fs, ps, pe in rounds:
-            m = field == 4
-            op_s[owner[m]], op_e[owner[m]] = ps[m], pe[m]
-            m = field == 7
-            if m.any():
-                dom_s[owner[m]], dom_e[owner[m]] = ps[m], pe[m]
-            m = field == 5
-            if m.any():
+            m = np.flatnonzero(field == 4)
+            o = owner[m]
+            op_s[o], op_e[o] = ps[m], pe[m]
+            m = np.flatnonzero(field == 7)
+            if len(m):
                 o = owner[m]
+                dom_s[o], dom_e[o] = ps[m], pe[m]
+            m = np.flatnonzero(field == 5)
+            if len(m):
+                o, f_s, p_e = owner[m], fs[m], pe[m]
                 first = a_end[o] == 0
-                a_start[o[first]] = fs[m][first]
-                a_end[o] = pe[m]
-                a_total[o] += pe[m] - fs[m]
+                a_start[o[first]] = f_s[first]
+                a_end[o] = p_e
+                a_total[o] += p_e - f_s
             for f in sel:
-                sel[f].append(field == f)
+                sel[f].append(np.flatnonzero(field == f))
         self.ops, self.op = self._strings(op_s, op_e)
         if dom_e.any():
             self.domains, self.dom = self._strings(dom_s, dom_e)
@@ -486,7 +488,7 @@ class Wire:
                 if any(a.HasField("g") or a.graphs or a.HasField("tp") or a.type_protos for a in parsed.attribute):
                     raise Unsupported("graph or type attribute")  # nesting depth as the full parse sees it
                 self.attr_keys.append(key)
-        if any(x.any() for x in sel[9]):  # metadata entries: validated field by field (key, value strings)
+        if any(len(x) for x in sel[9]):  # metadata entries: validated field by field (key, value strings)
             _fields(b, _cat(rounds, 3, sel[9]), _cat(rounds, 4, sel[9]), frozenset({1, 2}))
         # inputs and outputs, node by node (a stable sort of round-major runs), slot order within a node
         for f, prefix in ((1, "in"), (2, "out")):
