@@ -3,33 +3,32 @@
 Why: the rules need a few facts about every node (op type, attributes, input and output names) and every recorded
 tensor (name, type). Reading them from parsed protobuf objects costs one Python object per node and field, several
 times what parsing the file costs on graphs of 10^5 nodes. Here the node and value_info records are located and
-decoded with numpy over the file's bytes (``np.frombuffer``: no copy), a handful of array operations per field
-*slot* rather than per node, and names, types and attribute lists are interned to small integer ids. Only the
-records a rule reports on are ever parsed into protobuf objects (``node(i)``).
+decoded with numpy over the file's bytes (``np.frombuffer``: no copy): a few array operations per field *slot*, not
+per node. Op types, attribute lists, types and names become small integer ids; only the nodes a rule reports on
+are parsed into protobuf objects (``node(i)``), from their own bytes.
 
-What it handles, exactly (anything else raises :class:`Unsupported` and the checker uses the full protobuf path):
+What it handles, exactly (anything else raises :class:`Unsupported` and the checker parses the file with protobuf):
 
-- ModelProto: any top-level fields except ``functions`` and ``training_info``, with exactly one ``graph``. Everything
-  but the graph is parsed by protobuf, as is every graph field except ``node`` and ``value_info`` (initializers,
-  graph inputs and outputs, sparse initializers...): those few records are parsed as they would be in the full
-  parse (``MergeFromString`` over zero-copy slices).
-- GraphProto ``node`` (field 1) and ``value_info`` (13) records, in any order and interleaving. Records of a run
-  are found without a per-record loop: every byte equal to the run's tag is a candidate, each candidate's length
-  varint is decoded, and a candidate is kept when no earlier candidate's extent covers it. Every false candidate
-  lies inside a true record (records tile the graph), so the kept set holds true records only; the rare true
-  records covered by a false extent are found by walking from the kept record before them, and the chain is
-  verified end to end.
-- NodeProto fields input, output, name, op_type, attribute, doc_string, domain, overload, metadata_props (each a
-  length-delimited field; singular fields at most once; the attribute records contiguous). Attribute lists are
-  parsed by protobuf once per distinct byte string (which validates them exactly), metadata entries are checked
-  field by field (key, value).
-- ValueInfoProto fields name, type, doc_string (singular, at most once). Types are parsed by protobuf once per
-  distinct byte string.
-- Nodes with subgraph-carrying op types (If, Loop, Scan, SequenceMap) are not handled.
+- ModelProto: any top-level fields but ``functions`` and ``training_info``, with exactly one ``graph``. Everything
+  but the graph is parsed by protobuf, and so is every graph field but ``node`` and ``value_info`` (initializers,
+  graph inputs and outputs, ...), from zero-copy slices; initializers without their ``raw_data`` (the weights are
+  never read on this path, so they are not copied either).
+- GraphProto ``node`` (field 1) and ``value_info`` (13) records, in any order and interleaving. A run of records is
+  found without a per-record loop: every byte equal to the run's tag is a candidate, each candidate's length varint
+  is decoded, and a candidate is kept when no earlier candidate's extent covers it. Every false candidate lies
+  inside a true record (records tile the graph), so only true records are kept; true records covered by a false
+  extent are found by walking from the kept record before them, and the chain is verified end to end.
+- NodeProto fields input, output, name, op_type, attribute, doc_string, domain, overload, metadata_props (all
+  length-delimited; op_type and domain as protobuf keeps them, the last occurrence; the attribute records
+  contiguous). Attribute lists are parsed by protobuf once per distinct byte string (which validates them
+  exactly; graph- or type-valued attributes are not handled), metadata entries are checked field by field.
+- ValueInfoProto fields name, type (at most once), doc_string. Types are parsed by protobuf once per distinct byte
+  string; only tensor types are handled.
+- Nodes of subgraph-carrying op types (If, Loop, Scan, SequenceMap) are not handled.
 
-Byte strings (names, op types, types, attribute lists) are interned by a 64-bit hash of their 8-byte words, and
-every string is then compared word by word with the first string of its id: a hash collision is detected, never
-trusted (it raises Unsupported).
+Byte strings are interned by direct-mapped hash tables (no sort): strings of up to 7 bytes by their exact
+zero-padded word and length, longer ones by a 64-bit hash of their 8-byte words, after which every string is
+compared word by word with its representative: a hash collision is detected (Unsupported), never trusted.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ from google.protobuf.message import DecodeError
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _NODE_TAG, _VI_TAG = 0x0A, 0x6A  # GraphProto.node = 1, value_info = 13 (length-delimited)
 _NODE_FIELDS = frozenset(range(1, 10))  # NodeProto 1..9 (device_configurations = 10 is not handled)
-_NODE_SINGULAR = (3, 4, 6, 7, 8)  # name, op_type, doc_string, domain, overload
 _VI_FIELDS = frozenset({1, 2, 3})  # ValueInfoProto name, type, doc_string (metadata_props = 4 not handled)
 _MODEL_UNHANDLED = frozenset({20, 25})  # training_info, functions
 _NODE_FIRST = np.zeros(256, bool)  # the tag bytes a NodeProto can start with (any field, length-delimited)
@@ -363,9 +361,11 @@ def intern(*sources: tuple[_Bytes, np.ndarray, np.ndarray]) -> tuple[np.ndarray,
 
 
 class Wire:
-    """The decoded main graph. Per node i (graph order): ``op[i]`` (id into ``ops``), ``attr[i]`` (id into ``attr_keys``,
-    -1 when none), ``dom[i]`` (id into ``domains``); input/output occurrences as flat arrays (``in_node``,
-    ``in_slot``, ``in_name``), names as ids into one table shared with value_info and the graph's own records."""
+    """The decoded main graph. ``model``: the ModelProto without nodes and value_info (and without weights). Per node
+    i (graph order): ``op[i]`` (id into ``ops``), ``attr[i]`` (id into ``attr_keys``, -1 when none), ``dom[i]`` (id
+    into ``domains``). Input and output occurrences as flat arrays in node order (``in_node``, ``in_s``/``in_e``
+    spans, ``in_first[i]``: node i's first); value_info records as ``vi_type`` (id into ``type_keys``) and name
+    spans. ``intern_names`` gives names ids shared with the graph's parsed inputs, outputs and initializers."""
 
     def __init__(self, data: bytes):
         b = self.b = _Bytes(data)
@@ -501,14 +501,6 @@ class Wire:
             first = np.zeros(n + 1, np.int64)
             np.cumsum(np.bincount(owner, minlength=n), out=first[1:])
             setattr(self, f"{prefix}_first", first)
-
-    @staticmethod
-    def _varlen(n: np.ndarray) -> np.ndarray:
-        """Byte count of the varint encoding of each length."""
-        out = np.ones(len(n), np.int64)
-        for k in (7, 14, 21, 28):
-            out += n >= (1 << k)
-        return out
 
     def _strings(self, s: np.ndarray, e: np.ndarray):
         """Distinct strings of per-node spans and each node's id into them."""
