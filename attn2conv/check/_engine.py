@@ -3,6 +3,13 @@
 Lookup tables are compiled once per profile (op type -> op-level rule and node predicates). The node loop reads
 only ``op_type`` for nodes no rule is interested in; attributes, inputs and exporter metadata are read for the
 nodes that rules look at or that produce findings.
+
+Files and bytes that _wire decodes take ``run_rules_wire`` instead: the same rules over the decoded arrays, with
+nodes of one op type grouped by a signature (attribute bytes, input/output counts, per input slot the resolved
+tensor type and constness) and each group judged on its first node; only groups with a finding are judged node
+by node. Anything that path does not cover (shape inference to run, precision rules that walk the nodes, Q/DQ
+predicates that read producers and values) returns None and the parsed model goes through ``run_rules``. The
+checker's tests run both paths on every model they check (``_CROSS_CHECK``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import onnx
 from attn2conv.targets import SEVERITIES, Profile, ProfileError, resolve_target
 
 from . import _rules as R
-from ._load import GraphIndex, InputError, LoadedModel, infer_shapes, read_model
+from ._load import GraphIndex, InputError, LoadedModel, _static_type, infer_shapes, read_model
 
 _OUTPUTS = attrgetter("output")
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
@@ -583,12 +590,6 @@ class _WireTables:
         return hit
 
 
-def _static_key(key: bytes) -> bool:
-    from ._load import _static_type
-
-    return _static_type(key)
-
-
 def wire_shapes_complete(w, tables: _WireTables) -> bool:
     """shapes_complete (see _load) over the decoded graph."""
     import numpy as np
@@ -597,7 +598,7 @@ def wire_shapes_complete(w, tables: _WireTables) -> bool:
         return False
     rec = slice(tables.n_gin, None)  # value_info and graph output records
     names, types = tables.rec_name[rec], tables.rec_type[rec]
-    static = np.array([_static_key(k) for k in tables.keys], bool)
+    static = np.array([_static_type(k) for k in tables.keys], bool)
     ok = np.zeros(w.n_names, bool)
     bad = np.zeros(w.n_names, bool)
     st = static[types] if len(types) else np.zeros(0, bool)
