@@ -156,6 +156,9 @@ def _len_varints(w: np.ndarray) -> tuple[np.ndarray, np.ndarray | int]:
 def _headers(b: _Bytes, pos: np.ndarray):
     """Tag byte, payload start and payload end of the length-delimited fields starting at `pos` (1-byte tags)."""
     word = b.word(pos).view(np.int64)  # the sign bit is the 8th byte's: shifted out below
+    if not (word & 0x8000).any():  # every length fits one byte
+        start = pos + 2
+        return word & 0xFF, start, start + ((word >> 8) & 0x7F)
     length, n = _len_varints((word >> 8) & 0xFFFFFFFFFF)
     start = pos + 1 + n
     return word & 0xFF, start, start + length
