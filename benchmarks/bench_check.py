@@ -11,7 +11,12 @@ Graphs (built with onnx.helper, weights embedded so both sides parse the same by
 Reported: medians of interleaved repeats; ratio = check() / onnx.load(path, load_external_data=False).
 ratio_cpu: the same with process CPU time (steadier than wall time on a shared machine).
 floor_ratio: parsing the file and reading every node's op_type in a Python loop, over onnx.load: the least any
-check that looks at every node from Python can cost. load_avg: 1-minute load average before and after the graph.
+check that looks at every node through protobuf objects can cost. decode_ratio: reading the file and decoding its
+node and value_info records with attn2conv/check/_wire.py (numpy over the bytes, what `check` does before any rule
+runs), over onnx.load. wire: whether `check` took that decoded path (else it parsed the file with protobuf).
+onnx.load is timed in the process that built the graphs, so its memory is warm (no page faults): a fresh process
+pays several times more for its first loads, which would flatter the ratio. load_avg: 1-minute load average
+before and after the graph.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attn2conv.check import check  # noqa: E402
+from attn2conv.check import _wire, check  # noqa: E402
 
 
 def _w(name, shape):
@@ -131,6 +136,7 @@ def measure(path: Path, target: str, repeats: int, shape_inference: str, floor: 
            "check": lambda: check(path, target, shape_inference=shape_inference)}
     if floor:
         fns["floor"] = lambda: _parse_and_read_op_types(path)
+        fns["decode"] = lambda: _wire.decode(path.read_bytes())
     t = interleaved_medians(fns, repeats)
     load, chk = t["load"][0], t["check"][0]
     res = check(path, target, shape_inference=shape_inference)
@@ -139,12 +145,14 @@ def measure(path: Path, target: str, repeats: int, shape_inference: str, floor: 
         "nodes": len(m.graph.node), "value_info": len(m.graph.value_info), "bytes": path.stat().st_size,
         "target": target, "shape_inference": shape_inference, "load_s": round(load, 5), "check_s": round(chk, 5),
         "ratio": round(chk / load, 2), "ratio_cpu": round(t["check_cpu"][0] / max(t["load_cpu"][0], 1e-9), 2),
-        "findings": len(res.findings), "notes": res.notes,
+        "findings": len(res.findings), "notes": res.notes, "wire": res.loaded.wire is not None,
         "load_runs_s": [round(x, 5) for x in t["load"][1]], "check_runs_s": [round(x, 5) for x in t["check"][1]],
     }
     if floor:
         row["floor_s"] = round(t["floor"][0], 5)
         row["floor_ratio"] = round(t["floor"][0] / load, 2)
+        row["decode_s"] = round(t["decode"][0], 5)
+        row["decode_ratio"] = round(t["decode"][0] / load, 2)
     row["load_avg"] = [load_avg, round(os.getloadavg()[0], 2)]
     return row
 
@@ -179,7 +187,7 @@ def main() -> None:
                     rows.append(r)
                     say(r["graph"], "value_info" if vi else "no value_info", mode, "load", r["load_s"], "check",
                         r["check_s"], "ratio", r["ratio"], "cpu", r["ratio_cpu"], "floor", r.get("floor_ratio", "-"),
-                        "load avg", r["load_avg"])
+                        "decode", r.get("decode_ratio", "-"), "wire", r["wire"], "load avg", r["load_avg"])
                 p.unlink()
     doc = {"benchmark": "attn2conv-check time / onnx.load time", "repeats": args.repeats,
            "python": platform.python_version(), "onnx": onnx.__version__, "machine": platform.machine(),

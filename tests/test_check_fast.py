@@ -7,6 +7,7 @@ file instead of node by node; both must agree.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto as T
@@ -189,3 +190,139 @@ def test_inlined_function_with_a_subgraph_is_checked():
     m.functions.append(fn)
     rules = {f.rule for f in check(m, "trt-safe", fail_on="note").findings}
     assert "A2C-SAFE-OP-MATMUL" in rules
+
+
+# -- the decoded-bytes path (attn2conv/check/_wire.py) ---------------------------------------------------------------
+# Every check() in these tests runs both paths and compares them (tests/conftest.py); the tests below build layouts
+# the wire decoder must get exactly right, or hand to the full parse.
+from attn2conv.check import _engine, _wire  # noqa: E402
+
+
+def _uses_wire(data: bytes, mode: str = "never", target: str = "trt-safe") -> bool:
+    loaded = read_model(data)
+    if loaded.wire is None:
+        return False
+    return _engine.run_rules_wire(loaded, _engine.resolve_target(target), mode) is not None
+
+
+def _chain(n=12, long_names=False, value_info=True):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_check import chain
+
+    m = chain(n, value_info)
+    if long_names:  # names of 1 to 40 bytes: several 8-byte words, spans of different lengths
+        ren = {f"t{i}": f"t{i}" + "_x" * (i % 20) for i in range(n)}
+        for node in m.graph.node:
+            node.input[:] = [ren.get(x, x) for x in node.input]
+            node.output[:] = [ren.get(x, x) for x in node.output]
+        for v in list(m.graph.value_info) + list(m.graph.output):
+            v.name = ren.get(v.name, v.name)
+    return m
+
+
+@pytest.mark.parametrize("long_names", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_wire_path_is_taken_for_plain_graphs(long_names, mode):
+    m = _chain(long_names=long_names)
+    data = m.SerializeToString()
+    assert _uses_wire(data, mode)
+    w = _wire.decode(data)
+    assert [w.ops[i] for i in w.op] == [n.op_type for n in m.graph.node]
+    assert all(w.node(i) == m.graph.node[i] for i in range(len(m.graph.node)))
+    check(data, "trt-safe", shape_inference=mode)  # cross-checked
+
+
+# a float whose bytes 0A 7F 12 3C read as a node record: tag, length 127, then a NodeProto field tag
+_FAKE_RECORD = bytes([0x0A, 0x7F, 0x12, 0x3C])
+_ALPHA = float(np.frombuffer(_FAKE_RECORD, "<f4")[0])
+
+
+def _wide_conv_chain():
+    """A chain whose Conv weights break DLA's kernel limit and whose tensors break trt-safe's channel limit."""
+    nodes = [h.make_node("Conv", ["x", "w"], ["c0"], name="conv0", kernel_shape=[9, 9], pads=[4] * 4),
+             h.make_node("LeakyRelu", ["c0"], ["r0"], name="lrelu0", alpha=_ALPHA),
+             h.make_node("Conv", ["r0", "w"], ["c1"], name="conv1", kernel_shape=[9, 9], pads=[4] * 4),
+             h.make_node("Relu", ["c1"], ["y"], name="relu0")]
+    wide = [1, 8000, 4, 4]
+    return model(nodes, [vi("x", wide)], [vi("y", wide)], inits=[init("w", [8000, 8000 // 8000, 9, 9])],
+                 value_info=[vi("c0", wide), vi("r0", wide), vi("c1", wide)])
+
+
+@pytest.mark.parametrize("target", ["trt-safe", "dla", "trt"])
+def test_wire_findings_equal_the_full_path(target):
+    m = _wide_conv_chain()
+    data = m.SerializeToString()
+    assert _uses_wire(data, "auto", target)
+    res = check(data, target, fail_on="note")  # cross-checked against the full path
+    assert res.findings or target == "trt"  # trt: nothing to report
+
+
+def _node_bytes(node_fields):
+    return b"".join(_field(f, p) for f, p in node_fields)
+
+
+def test_wire_non_canonical_node_layouts():
+    # op_type before inputs, op_type twice (protobuf keeps the last), value_info records between nodes
+    m = _wide_conv_chain()
+    g = m.graph
+    head = m.SerializeToString()
+    relu = _node_bytes([(4, b"Sigmoid"), (1, b"y"), (4, b"Relu"), (2, b"z"), (3, b"odd0")])
+    extra = _field(1, relu) + _field(13, h.make_tensor_value_info("z", T.FLOAT, [1, 8000, 4, 4]).SerializeToString())
+    extra += _field(1, _node_bytes([(1, b"z"), (2, b"z2"), (4, b"Relu"), (3, b"odd1")]))
+    data = head + _field(7, extra)  # a second graph field merges: not decoded, the full parse decides
+    assert _wire.decode(data) is None
+    check(data, "trt-safe", fail_on="note")
+    # the same records inside the one graph field
+    g.ClearField("node")
+    g.ClearField("value_info")
+    body = b"".join(_field(1, n.SerializeToString()) for n in _wide_conv_chain().graph.node) + extra
+    rest = onnx.GraphProto()
+    rest.CopyFrom(g)
+    gbytes = body + rest.SerializeToString()
+    mm = onnx.ModelProto()
+    mm.CopyFrom(m)
+    mm.ClearField("graph")
+    data = mm.SerializeToString() + _field(7, gbytes)
+    w = _wire.decode(data)
+    assert w is not None and w.ops[w.op[4]] == "Relu"  # the last op_type of the odd node
+    assert _uses_wire(data, "never")
+    res = check(data, "trt-safe", fail_on="note", shape_inference="never")
+    assert any(f.node == "odd0" for f in res.findings)
+
+
+def test_wire_hands_unknown_fields_and_collisions_to_the_full_parse(monkeypatch):
+    m = _wide_conv_chain()
+    m.graph.node[3].device_configurations.add(configuration_id="x")  # NodeProto field 10: not decoded
+    assert _wire.decode(m.SerializeToString()) is None
+    check(m, "trt-safe", fail_on="note")
+    data = _wide_conv_chain().SerializeToString()
+    # every name hashing alike: the collision is detected, never trusted
+    monkeypatch.setattr(_wire, "_words", lambda b, s, n: ([b.word(s) & 0], np.zeros(len(s), np.uint64)))
+    assert _wire.decode(data) is None
+    check(data, "trt-safe", fail_on="note")
+
+
+def test_wire_reads_metadata_and_skips_weights():
+    m = _wide_conv_chain()
+    for i, n in enumerate(m.graph.node):
+        p = n.metadata_props.add()
+        p.key, p.value = "pkg.torch.onnx.name_scopes", repr(["", f"blocks.{i}", "conv"])
+    data = m.SerializeToString()
+    assert _uses_wire(data, "auto")
+    res = check(data, "trt-safe", fail_on="note")
+    assert {f.module for f in res.findings if f.node.startswith("conv")} == {"blocks.0", "blocks.2"}
+    w = _wire.decode(data)
+    assert [t.name for t in w.model.graph.initializer] == ["w"] and not w.model.graph.initializer[0].raw_data
+
+
+def test_wire_finds_records_hidden_by_a_false_candidate(monkeypatch):
+    # LeakyRelu's alpha is a plausible node record whose "length" covers the next nodes; they are found by walking
+    # from the record before them (without the walk the file is not decoded)
+    data = _wide_conv_chain().SerializeToString()
+    assert _FAKE_RECORD in data
+    assert _wire.decode(data).n_nodes == 4
+    monkeypatch.setattr(_wire, "_MAX_WALK", 0)
+    assert _wire.decode(data) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import onnx
 import pytest
 
 from attn2conv.check import InputError, check
@@ -16,8 +17,13 @@ from onnx import helper as h
 def _seeds() -> list[bytes]:
     mm = model([h.make_node("MatMul", ["x", "w"], ["t"]), h.make_node("Softmax", ["t"], ["y"], axis=-1)],
                [vi("x", [1, 4, 8, 8])], [vi("y", None)], [init("w", [8, 8])])
+    # recorded shapes and exporter metadata: the checks of these take the decoded-bytes path (attn2conv/check/_wire.py)
+    shaped = onnx.shape_inference.infer_shapes(conv_net())
+    for i, n in enumerate(shaped.graph.node):
+        p = n.metadata_props.add()
+        p.key, p.value = "pkg.torch.onnx.name_scopes", repr(["", f"blocks.{i}"])
     return [conv_net().SerializeToString(), mm.SerializeToString(),
-            conv_net(kernel=5, pads=2, op="ConvTranspose").SerializeToString()]
+            conv_net(kernel=5, pads=2, op="ConvTranspose").SerializeToString(), shaped.SerializeToString()]
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:

@@ -19,6 +19,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from . import _wire
+
 MAX_MODEL_BYTES = 2 * 1024**3  # protobuf cannot hold more; weights beyond this must be external
 MAX_GRAPH_DEPTH = 16  # nested subgraphs (If/Loop/Scan bodies)
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
@@ -157,7 +159,7 @@ class GraphIndex:
 
 @dataclass
 class LoadedModel:
-    model: onnx.ModelProto
+    _model: onnx.ModelProto | None  # None until needed when `wire` holds the decoded graph
     path: Path | None
     data: bytes | onnx.ModelProto = field(repr=False)  # exactly what was checked (hashed on demand)
     size: int = 0
@@ -167,6 +169,18 @@ class LoadedModel:
     _sha256: str | None = field(default=None, repr=False)
     _index: GraphIndex | None = field(default=None, repr=False)
     model_is_data: bool = True  # False once `model` was replaced (inlined functions, inferred shapes)
+    wire: object | None = field(default=None, repr=False)  # _wire.Wire of the file's bytes, when it decoded
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The parsed model (parsed on first use when the checker worked from the decoded bytes)."""
+        if self._model is None:
+            self._model = _parse(self.data, self.display_name)
+        return self._model
+
+    @model.setter
+    def model(self, value: onnx.ModelProto) -> None:
+        self._model = value
 
     @property
     def index(self) -> GraphIndex:
@@ -193,18 +207,24 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())[:300]
 
 
-def read_model(source: str | os.PathLike | onnx.ModelProto | bytes, max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
+def read_model(source: str | os.PathLike | onnx.ModelProto | bytes, max_bytes: int = MAX_MODEL_BYTES,
+               decode: bool = True, data: bytes | None = None) -> LoadedModel:
+    """Reads and validates a model. Files and bytes are first decoded by _wire (`decode`); what it cannot decode
+    exactly is parsed by protobuf, as is everything once the full model is asked for. `data`: the file's bytes,
+    already read (the cross-checking tests read a file once)."""
+    wire = None
     if isinstance(source, onnx.ModelProto):
         data, model, path = source, source, None
-    elif isinstance(source, (bytes, bytearray)):
-        data, path = bytes(source), None
-        model = _parse(data, "<bytes>")
     else:
-        path = Path(source)
-        data = _read_bytes(path, max_bytes)
-        model = _parse(data, str(path))
+        if isinstance(source, (bytes, bytearray)):
+            data, path, name = bytes(source), None, "<bytes>"
+        else:
+            path = Path(source)
+            data, name = (data if data is not None else _read_bytes(path, max_bytes)), str(path)
+        wire = _wire.decode(data) if decode else None
+        model = _parse(data, name) if wire is None else None
     size = source.ByteSize() if isinstance(source, onnx.ModelProto) else len(data)
-    loaded = LoadedModel(model=model, path=path, data=data, size=size)
+    loaded = LoadedModel(_model=model, path=path, data=data, size=size, wire=wire)
     _validate(loaded)
     return loaded
 
@@ -247,7 +267,13 @@ def _parse(data: bytes, name: str) -> onnx.ModelProto:
 
 
 def _validate(loaded: LoadedModel) -> None:
-    model, name = loaded.model, loaded.display_name
+    name = loaded.display_name
+    if loaded.wire is not None:  # every top-level field and every graph field but nodes and value_info, parsed
+        model = loaded.wire.model
+        if model.ir_version <= 0 or not model.opset_import:  # as _parse says it
+            raise InputError(f"{loaded.path or '<bytes>'}: not an ONNX model (no graph, IR version or opset import)")
+    else:
+        model = loaded.model
     default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
         raise InputError(f"{name}: no default-domain (ai.onnx) opset import")
@@ -256,7 +282,8 @@ def _validate(loaded: LoadedModel) -> None:
         raise InputError(f"{name}: default-domain opset {default[0]} is outside 1..{newest} known to onnx "
                          f"{onnx.__version__}")
     base = loaded.path.parent.resolve() if loaded.path else None
-    _walk_initializers(model.graph, loaded, base, depth=0, op_types=loaded.index.op_types)
+    op_types = loaded.wire.ops if loaded.wire is not None else loaded.index.op_types
+    _walk_initializers(model.graph, loaded, base, depth=0, op_types=op_types)
     for fn in model.functions:  # local functions can nest graphs too
         for node in fn.node:
             _check_node_subgraphs(node, loaded, base, 1)
