@@ -70,7 +70,8 @@ class ExportResult:
     external_data: bool = False
     parity: float | None = None  # ONNX Runtime vs the exported torch module, relative error
     parity_vs_original: float | None = None  # ONNX Runtime vs the original model's outputs, when given
-    parity_inputs: int = 0
+    parity_vs_original_each: list[float] = field(default_factory=list)  # the same, per probe input
+    parity_inputs: int = 0  # probes compared with the torch module (the first ones, where a reference is given)
     rtol: float = 1e-4
     nodes_with_provenance: int = 0
     check: Any = None  # attn2conv.check.CheckResult when certify=True
@@ -86,7 +87,7 @@ class ExportResult:
         return {
             "path": self.path, "opset": self.opset, "nodes": self.nodes, "external_data": self.external_data,
             "parity": self.parity, "parity_vs_original": self.parity_vs_original,
-            "parity_inputs": self.parity_inputs, "parity_ok": self.parity_ok, "rtol": self.rtol,
+            "parity_vs_original_each": list(self.parity_vs_original_each), "parity_inputs": self.parity_inputs, "parity_ok": self.parity_ok, "rtol": self.rtol,
             "nodes_with_provenance": self.nodes_with_provenance, "certificate": self.certificate_path,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": list(self.notes),
         }
@@ -143,6 +144,7 @@ def export_onnx(
 
     parity_inputs/parity_reference: probe inputs and the torch outputs on them, when the caller already has them (the
     conversion guard does); otherwise the example input and one seeded random input are run through the module.
+    parity_reference may cover only the first probes (the rest are compared with original_reference only).
     original_reference: the original model's outputs on the same probes, for an end-to-end figure.
     external_data: None = only when the weights pass 2 GiB.
     """
@@ -215,8 +217,9 @@ def export_onnx(
             ort_outs = _ort_outputs(tmp, probes)
             result.parity = _worst(ort_outs, reference)
             if original_reference is not None:
-                result.parity_vs_original = _worst(ort_outs, list(original_reference))
-            result.parity_inputs = len(probes)
+                result.parity_vs_original_each = [_worst([o], [r]) for o, r in zip(ort_outs, original_reference)]
+                result.parity_vs_original = max(result.parity_vs_original_each)
+            result.parity_inputs = min(len(probes), len(reference))
             seconds["parity"] = time.perf_counter() - start
             if not result.parity_ok:
                 notes.append(f"ONNX Runtime differs from torch by {result.parity:.2e} (bound {rtol:g})")
