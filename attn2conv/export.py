@@ -663,6 +663,12 @@ def _ort_outputs(path: Path, probes: Sequence[tuple]) -> list[list]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the graph as written, fused little
     opts.log_severity_level = 3
+    from attn2conv.guard import free_cores
+
+    # as for the guard's torch runs: no more threads than free cores, and none spinning while another process waits
+    opts.intra_op_num_threads = min(free_cores(), os.cpu_count() or 1)
+    if free_cores() < (os.cpu_count() or 1):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001

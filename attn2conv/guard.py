@@ -13,6 +13,8 @@ A comparison above the bound, or none at all, falls back to the full forward and
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +41,33 @@ def relative_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) 
     return worst
 
 
+def free_cores() -> int:
+    """Cores not taken by other processes (one-minute load average, this process counted as one), at least 1."""
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - no load average on this platform
+        return os.cpu_count() or 1
+    return max(1, int((os.cpu_count() or 1) - busy + 1))
+
+
+@contextlib.contextmanager
+def eval_threads():
+    """torch's intra-op threads capped at the free cores while the guard runs the graph. Its ops are small (one
+    image) and many (~3,000 on converted DeiT-S); with more threads than free cores every op's parallel region waits
+    for a descheduled thread: on a 2-core machine with one other busy process the converted DeiT-S forward took
+    12-15 s on 2 threads and 0.5-0.7 s on 1."""
+    before = torch.get_num_threads()
+    wanted = min(before, free_cores())
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
+
+
 def probe_inputs(example_inputs: tuple, n_random: int = 2, seed: int = 0) -> list[tuple]:
     """The example input plus `n_random` seeded random inputs with the same shapes and dtypes."""
     gen = torch.Generator().manual_seed(seed)
@@ -62,7 +91,7 @@ def run_outputs(module: torch.nn.Module, probes: list[tuple], record_shapes: boo
     meta['val'] from the first probe's real values, which is what attn2conv.graph.refresh_shapes computes with fake
     tensors: one forward run gives the guard's outputs and the shapes (the separate fake propagation cost about as
     much as a forward)."""
-    with torch.no_grad():
+    with eval_threads():
         if record_shapes and probes:
             first = flat_tensors(_ShapeRecorder(module).run(*_flat_probe(probes[0])))
             return [first] + [flat_tensors(module(*p)) for p in probes[1:]]
@@ -175,7 +204,7 @@ class _Recorded:
         unchanged: set[str] = set()  # nodes whose value is the kept one
         worst = 0.0
         outputs = None
-        with torch.no_grad():
+        with eval_threads():
             for n in gm.graph.nodes:
                 if n.op == "output":
                     outputs = flat_tensors(torch.fx.node.map_arg(n.args[0], lambda a: values[a.name]))
