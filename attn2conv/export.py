@@ -558,9 +558,10 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
 
     try:
         graph = gs.import_onnx(model)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True)
+        if _foldable(model):
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True)
         _bypass_identities(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         cleaned = gs.export_onnx(graph, do_type_check=True)
@@ -573,6 +574,19 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     del cleaned.metadata_props[:]
     cleaned.metadata_props.extend(model.metadata_props)
     return cleaned
+
+
+def _foldable(model: onnx.ModelProto) -> bool:
+    """Whether graph surgeon's constant folding has anything to fold: a node that reads only constants, or a shape
+    query. After onnxscript's folding (export step 1) there is usually none, and the fold copies the whole graph
+    (a third of the clean-up on converted DeiT-S)."""
+    constant = {t.name for t in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constant.update(node.output)
+        elif node.op_type in ("Shape", "Size") or all(i in constant for i in node.input):
+            return True
+    return False
 
 
 def _bypass_identities(graph) -> None:
