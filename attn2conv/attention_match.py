@@ -411,8 +411,10 @@ def is_getitem(node: fx.Node) -> bool:
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Dead-code elimination that also drops export's metadata assertions on values nothing else reads (they are
     impure, so they would keep a replaced softmax or reshape alive)."""
+    from attn2conv.graph import eliminate_dead_code as fx_dead_code
+
     while True:
-        gm.graph.eliminate_dead_code()
+        fx_dead_code(gm.graph)
         stale = [n for n in gm.graph.nodes if is_assert(n) and not n.users and n.args
                  and isinstance(n.args[0], fx.Node) and all(is_assert(u) for u in n.args[0].users)]
         if not stale:

@@ -115,8 +115,10 @@ def _functional_already(gm: fx.GraphModule) -> bool:
 
 
 def _resolve_composites(gm: fx.GraphModule) -> None:
-    """Eval-mode dropout -> its input, flatten -> reshape to the recorded shape, contiguous -> clone (what
-    run_decompositions gives)."""
+    """Eval-mode dropout -> its input, flatten -> reshape to the recorded shape, contiguous -> clone, dead code
+    dropped (what run_decompositions gives: the training-IR graph keeps values nothing reads)."""
+    from attn2conv.graph import eliminate_dead_code
+
     aten = torch.ops.aten
     direct = _direct_composites()
     for node in list(gm.graph.nodes):
@@ -129,6 +131,7 @@ def _resolve_composites(gm: fx.GraphModule) -> None:
         elif how == "clone":
             fmt = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else torch.contiguous_format)
             node.target, node.args, node.kwargs = aten.clone.default, (node.args[0],), {"memory_format": fmt}
+    eliminate_dead_code(gm.graph)
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -138,8 +141,7 @@ def _drop_guards(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
-    gm.graph.lint()
-    gm.recompile()
+    gm.graph.lint()  # _views_to_reshapes, next, recompiles
 
 
 def _views_to_reshapes(gm: fx.GraphModule) -> None:
