@@ -382,8 +382,25 @@ def _const(gm: fx.GraphModule, x, memo: dict):
     return result
 
 
+def _reads_an_input(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
 def constant_value(gm: fx.GraphModule, node):
     """The value of `node` when it depends only on parameters, buffers and literals (evaluated eagerly); else None."""
+    if _reads_an_input(node):  # found by a plain walk, before any constant branch is evaluated on the way
+        return None
     value = _const(gm, node, {})
     return None if value is _MISSING else value
 
