@@ -382,8 +382,25 @@ def _const(gm: fx.GraphModule, x, memo: dict):
     return result
 
 
+def _reads_an_input(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
 def constant_value(gm: fx.GraphModule, node):
     """The value of `node` when it depends only on parameters, buffers and literals (evaluated eagerly); else None."""
+    if _reads_an_input(node):  # found by a plain walk, before any constant branch is evaluated on the way
+        return None
     value = _const(gm, node, {})
     return None if value is _MISSING else value
 
@@ -411,8 +428,10 @@ def is_getitem(node: fx.Node) -> bool:
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Dead-code elimination that also drops export's metadata assertions on values nothing else reads (they are
     impure, so they would keep a replaced softmax or reshape alive)."""
+    from attn2conv.graph import eliminate_dead_code as fx_dead_code
+
     while True:
-        gm.graph.eliminate_dead_code()
+        fx_dead_code(gm.graph)
         stale = [n for n in gm.graph.nodes if is_assert(n) and not n.users and n.args
                  and isinstance(n.args[0], fx.Node) and all(is_assert(u) for u in n.args[0].users)]
         if not stale:

@@ -2,7 +2,9 @@
 
 torch.export (non-strict) is the one capture path. `run_decompositions({})` then functionalises the graph (in-place
 `add_`/`relu_` become `add`/`relu`, dropout disappears in eval mode) while keeping the high-level ops the passes match
-on: linear, layer_norm, gelu, scaled_dot_product_attention, conv2d.
+on: linear, layer_norm, gelu, scaled_dot_product_attention, conv2d. It re-traces the whole graph (as long as the
+export itself on DeiT-S / Swin-T), so where the exported graph has nothing for it to do but drop eval-mode dropout and
+resolve flatten / contiguous (the timm and Hugging Face vision transformers), those are rewritten directly instead.
 """
 from __future__ import annotations
 
@@ -56,12 +58,14 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, shapes: bool 
     try:
         with torch.no_grad():
             ep = torch.export.export(work, inputs, strict=False)
-            ep = ep.run_decompositions({})
+            if not _functional_already(ep.graph_module):
+                ep = ep.run_decompositions({})
     except Exception as exc:  # export raises many types; all become one line naming the module
         raise CaptureError(f"capture failed in module '{tracker.innermost()}': {_first_line(exc)}") from exc
     finally:
         tracker.remove()
     gm = ep.module()
+    _resolve_composites(gm)
     _drop_guards(gm)
     _views_to_reshapes(gm)
     for p in gm.parameters():
@@ -73,6 +77,63 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, shapes: bool 
     return gm
 
 
+def _direct_composites() -> dict:
+    """Composite ops that run_decompositions would resolve and that are rewritten here instead (eval mode only)."""
+    aten = torch.ops.aten
+    return {aten.dropout.default: "identity", aten.flatten.using_ints: "reshape", aten.reshape.default: "keep",
+            aten.contiguous.default: "clone"}
+
+
+def _functional_already(gm: fx.GraphModule) -> bool:
+    """True when run_decompositions({}) would change nothing but the ops of _direct_composites: every call is an ATen
+    op that mutates nothing and either has its own kernel or is a composite export preserves (linear, layer_norm,
+    scaled_dot_product_attention, ...). Anything else (in-place ops, other composites, higher-order ops, torch's
+    private helpers gone) takes the decomposition."""
+    import operator
+
+    try:
+        from torch._export.utils import _is_preservable_cia_op
+    except ImportError:  # pragma: no cover - torch moved it
+        return False
+    direct = _direct_composites()
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_method"):
+            return False
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        op = node.target
+        if op in direct:
+            if op is torch.ops.aten.dropout.default and (len(node.args) < 3 or node.args[2] is not False):
+                return False  # a dropout that is on (train=True) stays for decomposition to reject
+            continue
+        if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten" or op._schema.is_mutable:
+            return False
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd") and \
+                not _is_preservable_cia_op(op):
+            return False
+    return True
+
+
+def _resolve_composites(gm: fx.GraphModule) -> None:
+    """Eval-mode dropout -> its input, flatten -> reshape to the recorded shape, contiguous -> clone, dead code
+    dropped (what run_decompositions gives: the training-IR graph keeps values nothing reads)."""
+    from attn2conv.graph import eliminate_dead_code
+
+    aten = torch.ops.aten
+    direct = _direct_composites()
+    for node in list(gm.graph.nodes):
+        how = direct.get(node.target) if node.op == "call_function" else None
+        if how == "identity":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        elif how == "reshape":
+            node.target, node.args, node.kwargs = aten.reshape.default, (node.args[0], list(node.meta["val"].shape)), {}
+        elif how == "clone":
+            fmt = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else torch.contiguous_format)
+            node.target, node.args, node.kwargs = aten.clone.default, (node.args[0],), {"memory_format": fmt}
+    eliminate_dead_code(gm.graph)
+
+
 def _drop_guards(gm: fx.GraphModule) -> None:
     """ep.module() calls a '_guards_fn' shape-check submodule; static shapes make it redundant for our passes."""
     for node in list(gm.graph.nodes):
@@ -80,8 +141,7 @@ def _drop_guards(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
-    gm.graph.lint()
-    gm.recompile()
+    gm.graph.lint()  # _views_to_reshapes, next, recompiles
 
 
 def _views_to_reshapes(gm: fx.GraphModule) -> None:

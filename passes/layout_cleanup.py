@@ -40,6 +40,7 @@ import math
 import torch
 import torch.fx as fx
 
+from attn2conv.graph import eliminate_dead_code as fx_dead_code
 from attn2conv.graph import Builder, arg, aten, express_index_map, get_constant, replace_uses, shape
 from attn2conv.legality import batch_limit, concat_axis_legal, concat_axis_rule
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
@@ -94,7 +95,7 @@ class LayoutCleanup(GraphPass):
         for _ in range(MAX_SWEEPS):
             c = self._simplify_chains(gm) + self._sink_gathers(gm)
             r = self._sink_regions(gm)
-            gm.graph.eliminate_dead_code()
+            fx_dead_code(gm.graph)
             chains, regions = chains + c, regions + r
             if not c and not r:
                 break

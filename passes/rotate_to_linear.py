@@ -21,6 +21,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from attn2conv.graph import eliminate_dead_code as fx_dead_code
 from attn2conv.graph import Builder, arg, aten, is_op, replace_uses, shape
 from attn2conv.legality import onnx_cost, onnx_ops_for
 from attn2conv.pass_infra import GraphPass, PassContext, PassResult, register
@@ -71,7 +72,7 @@ class RotateToLinear(GraphPass):
             replaced.update(tree)
             result.tally(node, None)
         if result.changed:
-            gm.graph.eliminate_dead_code()
+            fx_dead_code(gm.graph)
         return result
 
 

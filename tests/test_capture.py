@@ -77,3 +77,49 @@ def test_export_failure_names_the_module_in_one_line():
         capture(_DataDependent(), torch.randn(1, 3, 8, 8))
     message = str(info.value)
     assert "'inner'" in message and "\n" not in message
+
+
+def test_functional_export_skips_the_decomposition_retrace(monkeypatch):
+    """Swin's graph (dropout, flatten, contiguous on windows) needs nothing from run_decompositions: capture rewrites
+    those few ops itself, the graph matches the decomposed capture's outputs bit for bit."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1), num_heads=(1, 2),
+                              embed_dim=16, img_size=56).eval()
+    x = torch.randn(1, 3, 56, 56)
+    reference = capture(model, x)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda *a, **k: pytest.fail("decomposed a graph that was functional already"))
+    gm = capture(model, x)
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not ops & {"aten.dropout.default", "aten.flatten.using_ints", "aten.contiguous.default"}
+    assert "aten.clone.default" in ops  # contiguous became the clone decomposition gives
+    with torch.no_grad():
+        assert torch.equal(gm(x), reference(x)) and rel_error(gm(x), model(x)) == 0.0
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)  # a buffer written in place: only functionalisation makes this a graph output
+        return self.conv(x).relu_()
+
+
+def test_in_place_ops_still_take_the_decomposition(monkeypatch):
+    import importlib
+
+    calls = []
+    decompose = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: calls.append(1) or decompose(self, *a, **k))
+    model = _CountsCalls().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = capture(model, x)
+    assert calls and not importlib.import_module("attn2conv.capture")._functional_already(
+        torch.export.export(_CountsCalls().eval(), (x,), strict=False).graph_module)
+    assert not any(str(n.target).endswith("_.Tensor") or str(n.target) == "aten.relu_.default"
+                   for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert rel_error(gm(x), model(x)) == 0.0

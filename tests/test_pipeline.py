@@ -198,3 +198,83 @@ def test_failed_pass_restores_graph_module_tree_and_weights_in_place():
     restored = dict([*out.named_parameters(), *out.named_buffers()])
     assert restored.keys() == tensors.keys() and all(torch.equal(restored[k], v) for k, v in tensors.items())
     assert rel_error(out(x), model(x)) == 0.0
+
+
+class DoublesThenHalves(GraphPass):
+    """Exact, but gives an existing node another value: the first GELU computes 2 * gelu(x), a new node halves it for
+    its consumers. The incremental guard sees the node's kept value disagree and must decide on the whole forward."""
+
+    id = "test_doubles_then_halves"
+    exact = True
+
+    def run(self, gm, ctx):
+        from attn2conv.graph import aten
+
+        gelu = next(n for n in gm.graph.nodes if is_op(n, "aten.gelu"))
+        users = list(gelu.users)
+        with gm.graph.inserting_before(gelu):
+            fresh = gm.graph.call_function(aten.gelu.default, gelu.args, gelu.kwargs)
+        gelu.target, gelu.args, gelu.kwargs = aten.mul.Tensor, (fresh, 2.0), {}  # same name, twice the value
+        with gm.graph.inserting_after(gelu):
+            half = gm.graph.call_function(aten.mul.Tensor, (gelu, 0.5))
+        for u in users:
+            u.replace_input_with(gelu, half)
+        return PassResult(changed=True, rewrites=1)
+
+
+def _tiny_vit_guarded():
+    from attn2conv.capture import capture
+    from attn2conv.guard import NumericGuard
+    from attn2conv.pass_infra import PassContext
+    from attn2conv.targets import resolve_target
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = capture(model, x, shapes=False)
+    ctx = PassContext(example_inputs=(x,), profile=resolve_target("trt-safe"))
+    return model, x, gm, ctx, NumericGuard.for_module(gm, ctx.example_inputs, mode="final", record_shapes=True)
+
+
+def test_final_guard_evaluates_only_what_a_pass_rewrote():
+    from attn2conv.pipeline import run_pass
+
+    model, x, gm, ctx, guard = _tiny_vit_guarded()
+    before = guard.recorded
+    gm, record = run_pass(Pipeline(["gelu_decompose"]).passes[0], gm, ctx, guard)
+    assert record.status == "applied" and record.rewrites == 2 and 0 < record.rel_error < 1e-5
+    after = guard.recorded
+    computed = [name for name, v in after.values.items() if before.values.get(name) is not v]
+    added = [name for name in after.values if name not in before.values]
+    # only the two GELUs' replacements get new values: their readers were recomputed and matched their kept values
+    assert set(computed) == set(added) and 0 < len(added) < len(after.values) / 2
+    assert all(isinstance(gm.graph.find_nodes(op="call_function", target=n.target)[0].meta.get("val"), torch.Tensor)
+               for n in gm.graph.nodes if n.op == "call_function" and n.name in added)
+    assert rel_error(gm(x), model(x)) < 1e-5
+
+
+def test_final_guard_decides_on_the_whole_forward_where_a_node_changes_meaning():
+    from attn2conv.pipeline import run_pass
+
+    model, x, gm, ctx, guard = _tiny_vit_guarded()
+    gm, record = run_pass(DoublesThenHalves(), gm, ctx, guard)
+    assert record.status == "applied" and record.rel_error < 1e-5, record.notes
+    gm, record = run_pass(ScaleFirstConv(), gm, ctx, guard)  # a real error is still caught
+    assert record.status == "rolled back" and record.rel_error > 1e-3
+    assert rel_error(gm(x), model(x)) < 1e-5 and guard.finish(gm) < 1e-5
+
+
+def test_final_guard_with_export_runs_the_random_probes_in_onnx_runtime(tmp_path):
+    model = timm.create_model("repvgg_a0", pretrained=False, num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pipe = Pipeline(["fold_reparam", BreaksOnlyRandomProbes, "fold_batchnorm"])
+    result = attn2conv.convert(model, "trt", x, pipeline=pipe, export=tmp_path / "m.onnx")
+    records = {r.id: r for r in result.report.passes}
+    assert records["test_breaks_only_random_probes"].status == "rolled back"
+    assert "re-ran every pass" in result.report.extra["guard"]
+    exp = result.report.extra["export"]
+    assert result.certified and max(exp["parity_vs_original_each"]) < 1e-4 and result.report.rel_error < 1e-4
+    clean = attn2conv.convert(model, "trt", x, pipeline=Pipeline(["fold_reparam", "fold_batchnorm"]),
+                              export=tmp_path / "ok.onnx")
+    each = clean.report.extra["export"]["parity_vs_original_each"]
+    assert "guard" not in clean.report.extra and len(each) == 3 and clean.report.rel_error == pytest.approx(
+        max(clean.report.rel_error, *each[1:]))
