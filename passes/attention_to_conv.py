@@ -49,9 +49,11 @@ pieces, Split, Concat and Add together < 1 ms). So every core is computed in sta
 most the option `max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default
 DEFAULT_MAX_BROADCAST: 1M elements = 4 MiB fp32, so a chunk and the conv reading it stay in L2/L3): first whole
 images of the batch axis (Swin windows), then heads (channel slices), then keys (for Q*K the key axis of K; for E'*V
-the key channels, one head at a time, whose partial sums are added). Queries are never cut: N is the innermost,
+the key channels, one head at a time, whose partial sums are added). Queries are not cut: N is the innermost,
 contiguous axis of both products, the run ORT's broadcast Mul works along (query chunks shortened it and measured
-1.4x slower). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
+1.4x slower). Except on the values side when one head exceeds the budget and N is long (SRA on large maps): there
+a chunk of few keys sums into an output as large as itself, so E'*V takes all keys of one or two heads for runs of
+>= MIN_QUERY_RUN queries instead (Swin-T SRA at 1024 px: 2 heads x 64 keys x 32 x 256 queries). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
 softmax (or its decomposition) runs once on the whole S; phase 2 splits E' and V and sums chunk by chunk. The peak
 (largest product) is reported in the pass notes. Measured on DeiT-S (attention_to_conv only, one thread, CPU time):
 1.92x the original at budget 4M (one head per chunk), 1.87x at 1M (one head x 66 keys), 1.88x at 512K, 2.8x at 256K
@@ -237,8 +239,9 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
 
 class _Chunks:
     """How one core is cut so that each broadcast product holds at most `budget` elements: first whole images of the
-    batch axis, then heads (channel groups), then keys. Queries are never cut: they are the innermost axis of both
-    products, the contiguous run ONNX Runtime's broadcast Mul works along (cutting it shortens every run)."""
+    batch axis, then heads (channel groups), then keys. Queries are not cut here: they are the innermost axis of both
+    products, the contiguous run ONNX Runtime's broadcast Mul works along (cutting it shortens every run); the
+    values side may cut long ones instead of keys (_query_sizes)."""
 
     def __init__(self, batch: int, groups: int, m: int, images: int, heads: int, keys: int):
         self.batch, self.groups, self.m = batch, groups, m

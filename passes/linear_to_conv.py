@@ -6,6 +6,10 @@
 (B, C) inputs (class token, pooled features) are viewed as (B, C, 1, 1): a class token needs no spatial grid. Where
 the target limits channels (trt-safe: 4096 from rank 3) and C' exceeds it (TinyViT's 21841-class head), the conv is
 split along its output channels into convs of at most the limit, each viewed back as (B, C'_i), concatenated (rank 2).
+A 1x1 conv gives the same values on any (H, W) with H * W = N, so where the tokens were reshaped from a
+(B, H, W, C) or (B, C, H, W) map (through layout and unary element-wise ops: Swin's MLP on x.reshape(B, -1, C), and
+the fc2 after it), the conv runs on (B, C, H, W) instead: the map's own layout, whose reshapes layout_cleanup then
+cancels, so ONNX Runtime keeps its blocked NCHWc layout across the block (no Reshape between Conv nodes).
 (B, H, W, C) inputs (ConvNeXt-style channels-last MLPs) are permuted to (B, C, H, W) and back. Higher ranks fold the
 middle dims into N. The permutes around consecutive linears are inverse pairs that the layout clean-up can cancel.
 The conv weight is the Linear weight viewed as (C', C, 1, 1), registered under the Linear's module path.
@@ -90,10 +94,11 @@ class LinearToConv(GraphPass):
             x4 = b.call(aten.permute.default, x, [0, 3, 1, 2])
             y4 = b.call(aten.conv2d.default, x4, weight, b_node)
             y = b.call(aten.permute.default, y4, [0, 2, 3, 1])
-        else:  # (B, N..., C) -> (B, C, 1, N)
+        else:  # (B, N..., C) -> (B, C, 1, N), or (B, C, H, W) when the tokens come from an H x W map
             n = math.prod(xs[1:-1])
             x3 = x if rank == 3 else b.call(aten.reshape.default, x, [xs[0], n, c_in])
-            x4 = b.call(aten.reshape.default, b.call(aten.permute.default, x3, [0, 2, 1]), [xs[0], c_in, 1, n])
+            grid = _token_grid(x, xs[0], n, c_in)
+            x4 = b.call(aten.reshape.default, b.call(aten.permute.default, x3, [0, 2, 1]), [xs[0], c_in, *grid])
             y4 = b.call(aten.conv2d.default, x4, weight, b_node)
             y = b.call(aten.permute.default, b.call(aten.reshape.default, y4, [xs[0], c_out, n]), [0, 2, 1])
             if rank != 3:
@@ -154,3 +159,23 @@ def _patch_index(s, channels_last: bool, kh: int, kw: int, order) -> torch.Tenso
         axes = {"c": 1, "dh": 3, "dw": 5}
     lead = [0, 1, 3] if channels_last else [0, 2, 4]
     return idx.permute(*lead, *[axes[a] for a in order]).reshape(b_, h // kh, w_ // kw, kh * kw * c)
+
+
+def _token_grid(x: fx.Node, batch: int, n: int, c: int) -> tuple[int, int]:
+    """(H, W) of the nearest rank-4 map with H * W = n that x's tokens come from through layout and unary
+    element-wise ops, else (1, n)."""
+    from attn2conv.passes.layout_cleanup import UNARY, is_layout
+
+    node = x
+    for _ in range(12):
+        s = shape(node)
+        if s is not None and len(s) == 4 and s[0] == batch:
+            if s[3] == c and s[1] * s[2] == n:
+                return s[1], s[2]
+            if s[1] == c and s[2] * s[3] == n:
+                return s[2], s[3]
+        if not isinstance(node, fx.Node) or not (is_layout(node) or node.target in UNARY) or \
+                not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return 1, n
