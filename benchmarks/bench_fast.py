@@ -16,10 +16,13 @@ Variants (random weights, pretrained=False; every model exported with attn2conv.
                     MHCA x 5, SRA, MHCA x 5, SRA (MHCA: grouped 3x3 conv, head dim 32, + the original proj; SRA: keys
                     and values from a ~7x7 average-pooled grid, original q/k/v/proj), LN -> BN (folded), GELU -> ReLU,
                     then the exact passes (for trt-safe: conv-only attention cores, no MatMul/Softmax)
-  swin_t_fast       the same for swin_t: stage 1 all MHCA, stages 2-4 MHCA ... then one SRA; the new blocks run on
-                    the whole feature map (window partition, shift and reverse dropped)
+  swin_t_fast       the same for swin_t with the windowed models' default plan: MHCA in stages 1-3, MHCA then SRA
+                    in stage 4 (attention_stages "last"); the new blocks run on the whole feature map (window
+                    partition, shift and reverse dropped)
   deit_s_fast_mlp,  the fast models with the opt-in MLP pruning as well: options={"mlp_prune": {"hidden_ratio":
   swin_t_fast_mlp   1.0}}, every MLP C -> 4C -> C becomes C -> C -> C (MLP MACs / 4; needs distillation)
+  swin_t_fast_all,  Swin-T fast (+ mlp_prune) with the Next-ViT plan in every stage instead of Swin's default (attention
+  swin_t_fast_mlp_all   in the last stage only): options={"attention_to_sra": {"attention_stages": "all"}}
 Conversions use guard="final" (numeric checks once at the end; the fast passes are architectural anyway).
 Latency: warm-up, then `--repeats` rounds; each round runs every variant `--iters` times and keeps the round's median;
 the figure is the median over rounds (interleaving spreads the load of other processes over all variants).
@@ -56,6 +59,17 @@ def _swin_window(size: int) -> int:
     return 7 if all(s % 7 == 0 for s in stages) else 8
 
 
+def variant_options(variant: str) -> dict | None:
+    """convert options of a fast variant: `_mlp` adds mlp_prune (hidden ratio 1), `_all` attention blocks in every
+    stage (attention_stages "all": the Next-ViT plan, Swin's default before 2026-12-04)."""
+    options: dict = {}
+    if "_mlp" in variant:
+        options["mlp_prune"] = {"hidden_ratio": 1.0}
+    if variant.endswith("_all"):
+        options["attention_to_sra"] = {"attention_stages": "all"}
+    return options or None
+
+
 def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dict]:
     import timm
 
@@ -77,7 +91,7 @@ def build(variant: str, size: int, target: str, out_dir: Path) -> tuple[str, dic
         model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=size).eval()
     fast = "_fast" in variant
     if fast:
-        options = {"mlp_prune": {"hidden_ratio": 1.0}} if variant.endswith("_mlp") else None
+        options = variant_options(variant)
         result = attn2conv.convert(model, target, x, fidelity="fast", guard="final", options=options)
         gm = result.module
         info["legal"] = result.report.legal
@@ -188,7 +202,9 @@ def main(argv=None) -> dict:
     pairs = {"deit_s_fast/deit_s": ("deit_s_fast", "deit_s"), "swin_t_fast/swin_t": ("swin_t_fast", "swin_t"),
              "deit_s_fast/swin_t": ("deit_s_fast", "swin_t"),
              "deit_s_fast_mlp/deit_s": ("deit_s_fast_mlp", "deit_s"),
-             "swin_t_fast_mlp/swin_t": ("swin_t_fast_mlp", "swin_t")}
+             "swin_t_fast_mlp/swin_t": ("swin_t_fast_mlp", "swin_t"),
+             "swin_t_fast_all/swin_t": ("swin_t_fast_all", "swin_t"),
+             "swin_t_fast_mlp_all/swin_t": ("swin_t_fast_mlp_all", "swin_t")}
     result["ratio"] = {name: {str(s): round(latency[a][s] / latency[b][s], 3) for s in sizes
                               if s in latency.get(a, {}) and s in latency.get(b, {})}
                        for name, (a, b) in pairs.items() if a in latency and b in latency}

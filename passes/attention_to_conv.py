@@ -49,9 +49,11 @@ pieces, Split, Concat and Add together < 1 ms). So every core is computed in sta
 most the option `max_broadcast_elems` (ctx.option("attention_to_conv", "max_broadcast_elems"), default
 DEFAULT_MAX_BROADCAST: 1M elements = 4 MiB fp32, so a chunk and the conv reading it stay in L2/L3): first whole
 images of the batch axis (Swin windows), then heads (channel slices), then keys (for Q*K the key axis of K; for E'*V
-the key channels, one head at a time, whose partial sums are added). Queries are never cut: N is the innermost,
+the key channels, one head at a time, whose partial sums are added). Queries are not cut: N is the innermost,
 contiguous axis of both products, the run ORT's broadcast Mul works along (query chunks shortened it and measured
-1.4x slower). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
+1.4x slower). Except on the values side when one head exceeds the budget and N is long (SRA on large maps): there
+a chunk of few keys sums into an output as large as itself, so E'*V takes all keys of one or two heads for runs of
+>= MIN_QUERY_RUN queries instead (Swin-T SRA at 1024 px: 2 heads x 64 keys x 32 x 256 queries). Phase 1 computes S chunk by chunk and concatenates it (S is d times smaller than its products); the
 softmax (or its decomposition) runs once on the whole S; phase 2 splits E' and V and sums chunk by chunk. The peak
 (largest product) is reported in the pass notes. Measured on DeiT-S (attention_to_conv only, one thread, CPU time):
 1.92x the original at budget 4M (one head per chunk), 1.87x at 1M (one head x 66 keys), 1.88x at 512K, 2.8x at 256K
@@ -139,7 +141,8 @@ class AttentionToConv(GraphPass):
             if outcome.chunks > 1:
                 cut = f"{outcome.batch_chunk} images x " if outcome.batch_chunk else ""
                 result.notes.append(f"{where(match.anchor)}: {outcome.chunks} chunks "
-                                    f"({cut}{outcome.head_chunk} heads x {outcome.key_chunk} keys)")
+                                    f"({cut}{outcome.head_chunk} heads x {outcome.key_chunk} keys)"
+                                    + (f"; values in {outcome.query_runs} query runs" if outcome.query_runs else ""))
         result.changed = result.rewrites > 0
         if result.changed:
             eliminate_dead_code(gm)
@@ -181,9 +184,10 @@ class _TargetLimits:
 
 
 class _Outcome:
-    def __init__(self, peak: int, chunks: int, head_chunk: int, key_chunk: int, layout: str, batch_chunk: int = 0):
+    def __init__(self, peak: int, chunks: int, head_chunk: int, key_chunk: int, layout: str, batch_chunk: int = 0,
+                 query_runs: int = 0):
         self.peak, self.chunks, self.head_chunk, self.key_chunk = peak, chunks, head_chunk, key_chunk
-        self.layout, self.batch_chunk = layout, batch_chunk
+        self.layout, self.batch_chunk, self.query_runs = layout, batch_chunk, query_runs
 
 
 def _rewrite(gm: fx.GraphModule, match: AttentionMatch, budget: int, keep_softmax: bool,
@@ -210,30 +214,34 @@ def _rewrite_grouped(gm: fx.GraphModule, match: AttentionMatch, budget: int, kee
 
     q, k, v = _channels_first_qkv(b, match, batch, groups)  # see the module docstring
     plan = _Chunks.plan(batch, groups, m, n, max(d, dv), budget)
+    by_queries = _query_sizes(plan, dv, n, budget)
     weights = _Weights(b, match.scale, d, m)
-    s = _scores(b, weights, plan.for_scores(d, n, budget), q, k, d)  # (B, g, M, N)
+    scores_plan = plan.for_scores(d, n, budget)
+    s = _scores(b, weights, scores_plan, q, k, d)  # (B, g, M, N)
     if bias is not None:
         s = b.call(aten.add.Tensor, s, bias)
     if keep_softmax:
         e = b.call(aten.reshape.default, b.call(aten.softmax.int, s, 2), [batch, groups * m, 1, n])
-        o = _weighted_values(b, weights, plan, e, v)
+        o = _weighted_values(b, weights, plan, e, v, by_queries)
     else:
         e = b.call(aten.reshape.default, _exp_shifted(b, s, m), [batch, groups * m, 1, n])
         den = _channel_sum(b, e, groups, m, weights.keysum(groups, m))  # (B, g, 1, N)
-        o = b.call(aten.div.Tensor, _weighted_values(b, weights, plan, e, v), den)
+        o = b.call(aten.div.Tensor, _weighted_values(b, weights, plan, e, v, by_queries), den)
     o = _output_layout(b, match, o, out_shape)
     replace_uses(match.output, o)
     for dead in dict.fromkeys((match.output, match.anchor)):  # sdpa counts as impure for dead-code elimination: erase it here
         if not dead.users:
             gm.graph.erase_node(dead)
-    return _Outcome(plan.peak(max(d, dv), n), plan.count, plan.heads, plan.keys, "grouped-conv",
-                    batch_chunk=plan.images)
+    values_peak = by_queries[0] * m * dv * max(by_queries[1]) if by_queries else plan.peak(dv, n)
+    return _Outcome(max(scores_plan.peak(d, n), values_peak), plan.count, plan.heads, plan.keys, "grouped-conv",
+                    batch_chunk=plan.images, query_runs=len(by_queries[1]) if by_queries else 0)
 
 
 class _Chunks:
     """How one core is cut so that each broadcast product holds at most `budget` elements: first whole images of the
-    batch axis, then heads (channel groups), then keys. Queries are never cut: they are the innermost axis of both
-    products, the contiguous run ONNX Runtime's broadcast Mul works along (cutting it shortens every run)."""
+    batch axis, then heads (channel groups), then keys. Queries are not cut here: they are the innermost axis of both
+    products, the contiguous run ONNX Runtime's broadcast Mul works along (cutting it shortens every run); the
+    values side may cut long ones instead of keys (_query_sizes)."""
 
     def __init__(self, batch: int, groups: int, m: int, images: int, heads: int, keys: int):
         self.batch, self.groups, self.m = batch, groups, m
@@ -303,19 +311,27 @@ def _scores(b: Builder, w: "_Weights", plan: _Chunks, q, k, d: int) -> fx.Node:
     return _merge_partial_sums(b, w, _cat(b, image_rows, 0), plan.groups, parts)
 
 
-def _weighted_values(b: Builder, w: "_Weights", plan: _Chunks, e, v) -> fx.Node:
-    """sum over keys of E' (B, g*M, 1, N) * V (B, g*M, dv, 1) per head -> (B, g, dv, N), chunk by chunk. Key chunks
-    (one head at a time) give partial sums, added up."""
+def _weighted_values(b: Builder, w: "_Weights", plan: _Chunks, e, v, by_queries=None) -> fx.Node:
+    """sum over keys of E' (B, g*M, 1, N) * V (B, g*M, dv, 1) per head -> (B, g, dv, N), chunk by chunk. Where one
+    head exceeds the budget, the queries are cut if the runs stay long (_query_sizes), else the keys (one head at a
+    time, partial sums added up)."""
     m = plan.m
     keys = plan.key_sizes()
-    heads = plan.head_sizes()
-    channel_sizes = [x for gc in heads for x in ([gc * m] if len(keys) == 1 else keys)]
+    heads = [by_queries[0]] * (plan.groups // by_queries[0]) if by_queries else plan.head_sizes()
+    channel_sizes = [x for gc in heads for x in ([gc * m] if by_queries or len(keys) == 1 else keys)]
     image_rows, parts = [], 1
     for eb, vb in zip(_pieces(b, e, 0, plan.image_sizes()), _pieces(b, v, 0, plan.image_sizes())):
         ec, vc = _pieces(b, eb, 1, channel_sizes), _pieces(b, vb, 1, channel_sizes)
         head_rows, at = [], 0
         for gc in heads:
-            if len(keys) == 1:
+            if by_queries:  # all keys of gc heads for a run of queries; the runs concatenated back
+                runs = []
+                for eq in _pieces(b, ec[at], 3, by_queries[1]):
+                    y, parts = _partial_sums(b, b.call(aten.mul.Tensor, eq, vc[at]), gc, m, w.keysum(gc, m))
+                    runs.append(y)
+                total = _cat(b, runs, 3)
+                at += 1
+            elif len(keys) == 1:
                 total, parts = _partial_sums(b, b.call(aten.mul.Tensor, ec[at], vc[at]), gc, m, w.keysum(gc, m))
                 at += 1
             else:  # one head, its keys in chunks: partial sums over the chunks, added up
@@ -329,6 +345,27 @@ def _weighted_values(b: Builder, w: "_Weights", plan: _Chunks, e, v) -> fx.Node:
     return _merge_partial_sums(b, w, _cat(b, image_rows, 0), plan.groups, parts)
 
 
+# Shortest run of queries a values chunk may be cut to. Where one head's E'*V exceeds the budget, cutting its keys
+# leaves chunks of a few keys at large N (Swin-T's SRA at 1024 px: N = 16384, dv = 32, budget 1M -> 2 keys), each
+# summed by a conv whose output is as large as its input, and partial sums added up: measured 1.4 s of ONNX Runtime
+# time per image there. Cutting the queries instead keeps every key of a head in one chunk (the conv sums M channels
+# into one) and runs of >= 256 contiguous floats for the broadcast Mul (DeiT-S's 197 queries cut to ~50 were 1.4x
+# slower: too short).
+MIN_QUERY_RUN = 256
+
+
+def _query_sizes(plan: _Chunks, dv: int, n: int, budget: int) -> tuple[int, list[int]] | None:
+    """(heads per chunk, query run sizes) for the values side when one head exceeds the budget, or None. Two heads
+    per chunk where they fit (a two-group conv with one output per head sums them: no half sums), else one."""
+    if len(plan.key_sizes()) == 1 or plan.images != 1:
+        return None
+    for hc in (2, 1):
+        run = budget // (hc * plan.m * dv)
+        if plan.groups % hc == 0 and run >= MIN_QUERY_RUN:
+            return hc, _even_sizes(n, run)
+    return None
+
+
 # ONNX Runtime (CPU) runs a group-1 Conv whose input channels are a multiple of its NCHWc block (8 or 16 floats) in
 # the blocked layout and first copies the whole input into it (ReorderInput): for a one-head product that copy costs
 # more than the sum (measured: 6-7 ms for a DeiT-S head, whose product takes 0.4 ms to compute). Grouped convs with
@@ -337,7 +374,10 @@ _NCHWC_BLOCK = 8
 
 
 def _reordered_by_ort(groups: int, per_group: int) -> bool:
-    return groups == 1 and per_group >= 2 * _NCHWC_BLOCK and per_group % _NCHWC_BLOCK == 0
+    """Group-1 convs ORT converts: input channels a multiple of the block, or fewer than the block (8 or 16 by CPU),
+    which it reads in NCHW and writes with the outputs padded to the block (a one-output sum of 2 channels then
+    writes 16: measured 7 ms per Swin-T SRA key chunk at 1024 px). Odd counts cannot be halved and are left."""
+    return groups == 1 and per_group % 2 == 0 and (per_group < 2 * _NCHWC_BLOCK or per_group % _NCHWC_BLOCK == 0)
 
 
 def _partial_sums(b: Builder, x, groups: int, per_group: int, weight: fx.Node) -> tuple[fx.Node, int]:

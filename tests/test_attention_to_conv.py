@@ -190,6 +190,52 @@ def test_key_chunked_scores_take_two_heads_per_chunk_instead_of_half_sums():
     assert products and max(n.meta["val"].numel() for n in products) <= budget
 
 
+class ReducedKeys(torch.nn.Module):
+    """SRA-like attention: N queries, M << N keys and values (the first M tokens, as a pooled grid would give)."""
+
+    def __init__(self, dim=32, heads=2, keys=16):
+        super().__init__()
+        self.qkv, self.heads, self.keys = torch.nn.Linear(dim, 3 * dim), heads, keys
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k[:, :, :self.keys], v[:, :, :self.keys])
+        return o.transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("budget, heads_per_run", [(16 * 16 * 512, 2), (16 * 16 * 256, 1)])
+def test_values_of_a_head_over_budget_are_cut_by_queries(budget, heads_per_run):
+    """Many queries, few keys (Swin SRA at 1024 px): where one head's E'*V exceeds the budget, the values side cuts
+    the queries into runs of >= MIN_QUERY_RUN with every key of the head (two heads per chunk where they fit) instead
+    of few-key chunks; exact, no group-1 sum conv, every product within the budget."""
+    from attn2conv.passes.attention_to_conv import MIN_QUERY_RUN
+
+    model, x = ReducedKeys().eval(), torch.randn(1, 1024, 32)
+    gm, result = assert_exact(model, x, max_broadcast_elems=budget)
+    runs = 1024 // (budget // (heads_per_run * 16 * 16))
+    assert any(f"values in {runs} query runs" in note for note in result.notes), result.notes
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert not [n for n in convs if n.args[6] == 1 and n.args[0].meta["val"].shape[1] > 1]
+    products = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor and n.meta["val"].dim() == 4
+                and isinstance(n.args[1], torch.fx.Node) and n.meta["val"].shape[2] == 16]  # E'*V (1, keys, dv, N)
+    assert products and all(n.meta["val"].shape[-1] >= MIN_QUERY_RUN for n in products)
+    assert all(n.meta["val"].shape[1] == heads_per_run * 16 for n in products)
+    assert max(n.meta["val"].numel() for n in products) <= budget
+    peak = int(result.notes[-1].split("peak broadcast tensor ")[1].split()[0])
+    assert peak <= budget
+
+
+def test_small_key_chunks_are_summed_off_nchwc():
+    """A one-head key chunk of fewer channels than ONNX Runtime's NCHWc block (here 2 keys, queries too short to cut)
+    is summed as two half-groups: ORT would read a group-1 conv of < 16 inputs in NCHW and pad its one output to
+    16 channels."""
+    model, x = ReducedKeys(dim=32, heads=2, keys=16).eval(), torch.randn(1, 64, 32)
+    gm, result = assert_exact(model, x, max_broadcast_elems=2 * 16 * 64)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert not [n for n in convs if n.args[6] == 1 and n.args[0].meta["val"].shape[1] % 2 == 0]
+
+
 def test_trt_target_left_alone():
     _, gm, result = run_pass(Sdpa().eval(), torch.randn(1, 9, 16), target="trt")
     assert not result.changed and "accepts MatMul" in result.notes[0]

@@ -195,6 +195,8 @@ def _plan_for(stages: list[tuple[int, int]], options=None) -> list[str]:
 
 
 def test_default_plan_is_next_vit_hybrid():
+    from attn2conv.modules.replace import AttentionBlock, make_plan
+
     # one 12-block stage (DeiT): two rounds of 5 MHCA + 1 SRA
     assert _plan_for([(197, 384)] * 12) == (["mhca"] * 5 + ["sra"]) * 2
     # Swin-T [2, 2, 6, 2]: the first stage all convolution, the others end with attention
@@ -205,6 +207,15 @@ def test_default_plan_is_next_vit_hybrid():
     assert _plan_for([(65, 64)] * 6, {"every": 3, "end_with_attention": False}) == ["mhca"] * 3 + ["sra"] + \
         ["mhca"] * 2
     assert _plan_for(swin, {"first_stage_conv": False})[:2] == ["mhca", "sra"]
+    # windowed models (Swin) default to attention in the last stage only; "all" gives the Next-ViT plan back
+    windowed = [AttentionBlock(f"b{i}", None, [], None, None, dim, tokens, 1, 1.0, window_span=(None, None, []))
+                for i, (tokens, dim) in enumerate(swin)]
+    assert list(make_plan(windowed, {}).values()) == ["mhca"] * 11 + ["sra"]
+    assert list(make_plan(windowed, {"attention_stages": "all"}).values()) == _plan_for(swin)
+    assert list(make_plan(windowed[:4], {}).values())[2:] == ["mhca", "sra"]  # two stages: the second
+    # attention only in chosen stages
+    assert _plan_for(swin, {"attention_stages": [-1]}) == ["mhca"] * 11 + ["sra"]
+    assert _plan_for(swin, {"attention_stages": [2, 3]}) == ["mhca"] * 4 + ["mhca"] * 5 + ["sra", "mhca", "sra"]
 
 
 def tiny_swin():

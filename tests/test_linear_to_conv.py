@@ -60,3 +60,49 @@ def test_head_over_the_channel_limit_is_split_for_trt_safe(tmp_path):
     assert torch.allclose(res.module(x), net(x), rtol=0, atol=1e-5 * net(x).abs().max().item())
     trt = attn2conv.convert(net, "trt", x, pipeline=attn2conv.Pipeline(["linear_to_conv"]))  # no limit: one conv
     assert [shape(n)[1] for n in nodes_of(trt.module, "aten.conv2d")][1:] == [9000]
+
+
+class _Merging(torch.nn.Module):
+    """Swin's PatchMerging without its norm (as after layernorm_to_batchnorm folds it): 2x2 patches gathered by
+    reshape -> permute -> flatten, then a Linear 4C -> 2C; `order` is the permute of the (dh, dw, c) axes."""
+
+    def __init__(self, c=6, order=(4, 2, 5), channels_first=False):
+        super().__init__()
+        self.reduction, self.order, self.channels_first = torch.nn.Linear(4 * c, 2 * c), order, channels_first
+
+    def forward(self, x):
+        if self.channels_first:  # (B, C, H, W) map, e.g. a conv's output
+            x = x.permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, *self.order).flatten(3)
+        return self.reduction(x)
+
+
+@pytest.mark.parametrize("order, channels_first", [((4, 2, 5), False), ((2, 4, 5), False), ((5, 2, 4), False),
+                                                   ((4, 2, 5), True)])
+def test_patch_merging_becomes_one_strided_conv(order, channels_first):
+    """The gather + Linear is one 2x2 stride-2 conv (weights rearranged), no 6-D permute left; same outputs."""
+    net = _Merging(order=order, channels_first=channels_first).eval()
+    x = torch.randn(2, 6, 8, 12) if channels_first else torch.randn(2, 8, 12, 6)
+    result = attn2conv.convert(net, "trt-safe", x, pipeline=attn2conv.Pipeline(["linear_to_conv"]))
+    convs = [n for n in result.module.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 1 and list(convs[0].args[1].meta["val"].shape) == [12, 6, 2, 2]
+    assert list(convs[0].args[3]) == [2, 2]
+    assert not [n for n in result.module.graph.nodes if n.target is torch.ops.aten.permute.default
+                and len(n.args[1]) > 4]
+    assert rel_error(result.module(x), net(x)) <= 1e-5
+
+
+def test_a_gather_that_is_not_a_patch_stays_a_1x1_conv():
+    class Shuffled(_Merging):
+        def forward(self, x):  # rows and columns swapped inside the patch, then the patch axis flipped: not a patch
+            b, h, w, c = x.shape
+            x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 3, 1, 4, 2, 5).flatten(3)
+            return self.reduction(x)
+
+    net = Shuffled().eval()
+    x = torch.randn(1, 8, 8, 6)
+    result = attn2conv.convert(net, "trt-safe", x, pipeline=attn2conv.Pipeline(["linear_to_conv"]))
+    convs = [n for n in result.module.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 1 and list(convs[0].args[1].meta["val"].shape)[2:] == [1, 1]
+    assert rel_error(result.module(x), net(x)) <= 1e-5
