@@ -190,6 +190,15 @@ class _Recorded:
     def __init__(self, values: dict, signatures: dict, metas: dict, outputs: list[torch.Tensor]):
         self.values, self.signatures, self.metas, self.outputs = values, signatures, metas, outputs
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the kept values (a storage shared by views counted once)."""
+        storages = {}
+        for t in flat_tensors(list(self.values.values())):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     @classmethod
     def full(cls, gm: fx.GraphModule, inputs: tuple, record_shapes: bool) -> "_Recorded":
         return cls({}, {}, {}, []).update(gm, inputs, record_shapes, cut=-1.0)[0]
@@ -243,6 +252,10 @@ class _Recorded:
 
 
 _MISSING = object()
+# Past this many bytes of kept values the guard stops keeping them and checks each pass with a whole forward, as in
+# 'each' mode (on the example input only): large inputs (every value of a 1024 px Swin at once is many GB) must not run out of
+# memory for a speed-up.
+RECORD_BUDGET_BYTES = 2 << 30
 
 
 GUARD_MODES = ("each", "final")
@@ -274,8 +287,9 @@ class NumericGuard:
             raise ValueError(f"guard mode {mode!r} is not one of {', '.join(GUARD_MODES)}")
         guard = cls(probe_inputs(example_inputs, n_random), rtol, mode=mode)
         if mode == "final" and isinstance(module, fx.GraphModule):
-            guard.recorded = _Recorded.full(module, guard.probes[0], record_shapes)
-            guard.reference = [guard.recorded.outputs] + run_outputs(module, guard.probes[1:])
+            recorded = _Recorded.full(module, guard.probes[0], record_shapes)
+            guard.recorded = recorded if recorded.nbytes <= RECORD_BUDGET_BYTES else None
+            guard.reference = [recorded.outputs] + run_outputs(module, guard.probes[1:])
         else:
             guard.reference = run_outputs(module, guard.probes, record_shapes=record_shapes)
         guard.original = guard.reference
@@ -302,7 +316,9 @@ class NumericGuard:
 
     def accept(self, outputs) -> None:
         if isinstance(outputs, _Recorded):
-            self.recorded, outputs = outputs, [outputs.outputs]
+            self.recorded = outputs if outputs.nbytes <= RECORD_BUDGET_BYTES else None
+            outputs = [outputs.outputs]
+            self.stale = True
         self.reference = list(outputs) + list(self.reference[len(outputs):])
         self.stale = self.stale or len(outputs) < len(self.probes) or self.recorded is not None
 

@@ -278,3 +278,18 @@ def test_final_guard_with_export_runs_the_random_probes_in_onnx_runtime(tmp_path
     each = clean.report.extra["export"]["parity_vs_original_each"]
     assert "guard" not in clean.report.extra and len(each) == 3 and clean.report.rel_error == pytest.approx(
         max(clean.report.rel_error, *each[1:]))
+
+
+def test_final_guard_over_its_memory_budget_checks_each_pass_with_whole_forwards(monkeypatch):
+    """Past RECORD_BUDGET_BYTES the guard keeps no node values (1024 px inputs would keep GBs) and still rolls back."""
+    from attn2conv import guard as guard_module
+    from attn2conv.pipeline import run_pass
+
+    model, x, gm, ctx, guard = _tiny_vit_guarded()
+    assert guard.recorded is not None and guard.recorded.nbytes > 0
+    monkeypatch.setattr(guard_module, "RECORD_BUDGET_BYTES", guard.recorded.nbytes - 1)
+    gm, record = run_pass(Pipeline(["gelu_decompose"]).passes[0], gm, ctx, guard)
+    assert record.status == "applied" and guard.recorded is None and 0 < record.rel_error < 1e-5
+    gm, record = run_pass(ScaleFirstConv(), gm, ctx, guard)
+    assert record.status == "rolled back" and record.rel_error > 1e-3
+    assert rel_error(gm(x), model(x)) < 1e-5 and guard.finish(gm) < 1e-5
