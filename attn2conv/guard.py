@@ -253,8 +253,8 @@ class _Recorded:
 
 _MISSING = object()
 # Past this many bytes of kept values the guard stops keeping them and checks each pass with a whole forward, as in
-# 'each' mode (on the example input only): large inputs (every value of a 1024 px Swin at once is many GB) must not run out of
-# memory for a speed-up.
+# 'each' mode (on the example input only): large inputs (all values of a 1024 px Swin at once are many GB) must not
+# run out of memory for a speed-up.
 RECORD_BUDGET_BYTES = 2 << 30
 
 
