@@ -165,6 +165,13 @@ def _judge_type(key: bytes, rules) -> tuple[list, int]:
     return fails, elem
 
 
+def _weight_hits(t: onnx.TensorProto, weight_rules) -> list[tuple]:
+    """(rule, initializer name, values) for every weight rule the initializer `t` breaks (shape and dtype only)."""
+    dims = tuple(t.dims)
+    return [(rule, t.name, values) for rule, fn in weight_rules
+            if (values := fn(t.data_type, dims, rule.params)) is not None]
+
+
 def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = True,
               index: GraphIndex | None = None) -> list[Finding]:
     """All findings of `profile` on `model`, in graph order.
@@ -223,11 +230,7 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                 if t.data_type not in _PLAIN_DTYPES:
                     odd_dtype[t.name] = t.data_type
                 if weight_rules:
-                    dims = tuple(t.dims)
-                    for rule, fn in weight_rules:
-                        values = fn(t.data_type, dims, rule.params)
-                        if values is not None:
-                            tensor_hits.append((rule, t.name, values))
+                    tensor_hits.extend(_weight_hits(t, weight_rules))
 
     # -- nodes: one dict lookup per op type; only nodes of op types that can break a rule are opened -----------------
     node_rules = comp.node_rules
@@ -708,11 +711,7 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
                 odd_dtype[t.name] = t.data_type
                 odd_ids[nid] = t.data_type
             if weight_rules:
-                dims = tuple(t.dims)
-                for rule, fn in weight_rules:
-                    values = fn(t.data_type, dims, rule.params)
-                    if values is not None:
-                        tensor_hits.append((rule, t.name, values))
+                tensor_hits.extend(_weight_hits(t, weight_rules))
 
     # -- nodes: per op type, nodes grouped by signature; a group's verdict is computed on its first node ----------
     node_rules = comp.node_rules
