@@ -172,6 +172,30 @@ def _weight_hits(t: onnx.TensorProto, weight_rules) -> list[tuple]:
             if (values := fn(t.data_type, dims, rule.params)) is not None]
 
 
+def _node_checks(ctx, node, op: str, order: int, checks, dtype_rule, odd_dtype: dict, comp) -> list[tuple]:
+    """(rule, values) for every attribute/shape check of `node` that fails, then its dtype rule (when `dtype_rule` is
+    given and the first input has a dtype the op does not take). Shared by the protobuf and the decoded paths."""
+    hits = []
+    if checks:
+        try:
+            attrs = ctx.attrs(node)
+            for rule, fn in checks:
+                values = fn(ctx, node, attrs, rule.params)
+                if values is not None:
+                    hits.append((rule, values))
+        except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
+            msg = " ".join(str(exc).split())[:160]
+            raise InputError(f"node {node.name or order} ({op}) is malformed: {msg}") from None
+    if dtype_rule is not None and node.input:
+        code = odd_dtype.get(node.input[0])
+        if code is not None:
+            name = R.DTYPE_NAMES.get(code, str(code))
+            allowed = comp.allowed_dtypes.get(op, frozenset())
+            if _CAST_DOWN.get(name, name) not in allowed:
+                hits.append((dtype_rule, {"dtype": name, "allowed": "/".join(sorted(allowed)) or "none"}))
+    return hits
+
+
 def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = True,
               index: GraphIndex | None = None) -> list[Finding]:
     """All findings of `profile` on `model`, in graph order.
@@ -263,24 +287,10 @@ def run_rules(model: onnx.ModelProto, profile: Profile, has_subgraphs: bool = Tr
                     op_rule = profile.op_rule(op, node.domain)
                 if op_rule is not None:
                     out.add(op_rule, node, {"domain": node.domain}, order)
-                if checks:
-                    try:
-                        attrs = ctx.attrs(node)
-                        for rule, fn in checks:
-                            values = fn(ctx, node, attrs, rule.params)
-                            if values is not None:
-                                out.add(rule, node, values, order)
-                    except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
-                        msg = " ".join(str(exc).split())[:160]
-                        raise InputError(f"node {node.name or order} ({op}) is malformed: {msg}") from None
-                if wants_dtype and node.input:
-                    code = odd_dtype.get(node.input[0])
-                    if code is not None:
-                        name = R.DTYPE_NAMES.get(code, str(code))
-                        allowed = comp.allowed_dtypes.get(op, frozenset())
-                        if _CAST_DOWN.get(name, name) not in allowed:
-                            out.add(dtype_rule, node, {"dtype": name, "allowed": "/".join(sorted(allowed)) or "none"},
-                                    order)
+                if checks or wants_dtype:
+                    for rule, values in _node_checks(ctx, node, op, order, checks, dtype_rule if wants_dtype else None,
+                                                     odd_dtype, comp):
+                        out.add(rule, node, values, order)
                 if op == "Constant":
                     consts.update(node.output)
         start += len(ops)
@@ -529,8 +539,11 @@ class _WireContext(R.Context):
     def is_const(self, name):
         return name in self._c
 
-    def const_array(self, name):  # pragma: no cover - only the signature predicates run on this context
-        raise NotImplementedError
+    def const_array(self, name):
+        # constant values (and graph neighbours) are not decoded: a rule that asks hands the file to the full path
+        from ._wire import Unsupported
+
+        raise Unsupported(f"a rule read {name!r}'s value or neighbours, which the decoded path does not have")
 
     producer = consumers = const_array
 
@@ -754,28 +767,12 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
             hit = True
             if collect:
                 found.append((i, len(found), op_rule, node, {"domain": node.domain}))
-        if checks:
-            try:
-                attrs = ctx.attrs(node)
-                for rule, fn in checks:
-                    values = fn(ctx, node, attrs, rule.params)
-                    if values is not None:
-                        hit = True
-                        if collect:
-                            found.append((i, len(found), rule, node, values))
-            except (R.MalformedNode, TypeError, ValueError, IndexError, KeyError, OverflowError) as exc:
-                msg = " ".join(str(exc).split())[:160]
-                raise InputError(f"node {node.name or i} ({op}) is malformed: {msg}") from None
-        if wants_dtype and node.input:
-            code = odd_dtype.get(node.input[0])
-            if code is not None:
-                name = R.DTYPE_NAMES.get(code, str(code))
-                allowed = comp.allowed_dtypes.get(op, frozenset())
-                if _CAST_DOWN.get(name, name) not in allowed:
-                    hit = True
-                    if collect:
-                        found.append((i, len(found), dtype_rule, node,
-                                      {"dtype": name, "allowed": "/".join(sorted(allowed)) or "none"}))
+        if checks or wants_dtype:
+            node_dtype_rule = dtype_rule if wants_dtype else None
+            for rule, values in _node_checks(ctx, node, op, i, checks, node_dtype_rule, odd_dtype, comp):
+                hit = True
+                if collect:
+                    found.append((i, len(found), rule, node, values))
         return hit
 
     groups: list[tuple[int, np.ndarray, tuple]] = []  # (first node, members, rule entry)
@@ -803,7 +800,8 @@ def run_rules_wire(loaded: LoadedModel, profile: Profile, mode: str) -> list[Fin
         oid = w.out_name[np.where(has, w.out_first[nodes], 0)] if len(w.out_name) else np.zeros(len(nodes), np.int64)
         cols.append(np.where(has, tables.cls[oid], -(1 << 40)))
         if wants_dtype:
-            iid = w.in_name[np.where(n_in[nodes] > 0, first_in, 0)] if len(w.in_name) else np.zeros(len(nodes), np.int64)
+            iid = (w.in_name[np.where(n_in[nodes] > 0, first_in, 0)] if len(w.in_name)
+                   else np.zeros(len(nodes), np.int64))
             cols.append(np.where(n_in[nodes] > 0, odd_arr[iid], 0))
         rows = np.stack(cols, axis=1).astype(np.int64)
         ids = _wire_rows(rows)

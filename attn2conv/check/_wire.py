@@ -377,7 +377,6 @@ class Wire:
         graph = self.model.graph
         node_s, node_e, vi_s, vi_e = [], [], [], []
         pos = gpos
-        u8 = b.u8
         while pos < gend:  # graph records: runs of node/value_info records vectorised, the rest parsed by protobuf
             t = data[pos]
             if t == _NODE_TAG or t == _VI_TAG:
