@@ -213,10 +213,23 @@ class _Recorded:
         unchanged: set[str] = set()  # nodes whose value is the kept one
         worst = 0.0
         outputs = None
+        waiting = {n: len(n.users) for n in gm.graph.nodes}  # consumers still to run
+
+        def value_of(node: fx.Node):
+            value = values[node.name]
+            if value is _DROPPED:  # an unchanged product the last record let go: its inputs are unchanged too
+                value = values[node.name] = compute(node)
+            return value
+
+        def compute(node: fx.Node):
+            args = torch.fx.node.map_arg(node.args, value_of)
+            kwargs = torch.fx.node.map_arg(node.kwargs, value_of)
+            return getattr(interp, node.op)(node.target, args, kwargs)
+
         with eval_threads():
             for n in gm.graph.nodes:
                 if n.op == "output":
-                    outputs = flat_tensors(torch.fx.node.map_arg(n.args[0], lambda a: values[a.name]))
+                    outputs = flat_tensors(torch.fx.node.map_arg(n.args[0], value_of))
                     break
                 sig = _signature(gm, n) if n.op != "placeholder" else ("placeholder", n.target)
                 signatures[n.name] = sig
@@ -229,10 +242,8 @@ class _Recorded:
                 elif same and all(a.name in unchanged for a in n.all_input_nodes):
                     value = kept
                 else:
-                    args = torch.fx.node.map_arg(n.args, lambda a: values[a.name])
-                    kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: values[a.name])
-                    value = getattr(interp, n.op)(n.target, args, kwargs)
-                    err = _local_error(value, kept) if kept is not _MISSING else None
+                    value = compute(n)
+                    err = _local_error(value, kept) if kept is not _MISSING and kept is not _DROPPED else None
                     if err is not None:
                         worst = max(worst, err)
                         if err <= cut:
@@ -248,10 +259,31 @@ class _Recorded:
                     if meta is not None:
                         n.meta["val"] = meta
                 values[n.name], metas[n.name] = value, meta
+                for a in n.all_input_nodes:
+                    waiting[a] -= 1
+                    if not waiting[a] and _is_product(a, values):
+                        values[a.name] = _DROPPED
         return _Recorded(values, signatures, metas, outputs or []), worst
 
 
+def _is_product(node: fx.Node, values: dict) -> bool:
+    """A value far larger than every input and every consumer's value: a broadcast product that a reduction reads
+    right away (attention_to_conv's Q*K and E'*V). The record lets these go once their consumers have run: on
+    converted DeiT-S they were 1.4 GB of it, and that much fresh memory page-faulted for ~10 s of system time in a
+    cold process. The rare later pass that reads one again recomputes it from its kept inputs."""
+    value = values.get(node.name)
+    if node.op != "call_function" or not isinstance(value, torch.Tensor) or value.nbytes < PRODUCT_MIN_BYTES or \
+            any(u.op == "output" for u in node.users):
+        return False
+    neighbours = [values.get(m.name) for m in (*node.all_input_nodes, *node.users)]
+    return all(not isinstance(v, torch.Tensor) or v.nbytes * PRODUCT_RATIO <= value.nbytes for v in neighbours)
+
+
 _MISSING = object()
+_DROPPED = object()  # an unchanged value the record let go (_is_product); recomputed when a rewritten node reads it
+# A kept value this large and at least PRODUCT_RATIO times each neighbour's is a broadcast product (_is_product).
+PRODUCT_MIN_BYTES = 1 << 20
+PRODUCT_RATIO = 4
 # Past this many bytes of kept values the guard stops keeping them and checks each pass with a whole forward, as in
 # 'each' mode (on the example input only): large inputs (all values of a 1024 px Swin at once are many GB) must not
 # run out of memory for a speed-up.

@@ -293,3 +293,58 @@ def test_final_guard_over_its_memory_budget_checks_each_pass_with_whole_forwards
     gm, record = run_pass(ScaleFirstConv(), gm, ctx, guard)
     assert record.status == "rolled back" and record.rel_error > 1e-3
     assert rel_error(gm(x), model(x)) < 1e-5 and guard.finish(gm) < 1e-5
+
+
+class RebuildsProductReaders(GraphPass):
+    """Exact: every node that reads a product the guard's record let go is replaced by a fresh copy of itself (new
+    name), and with scale != 1 also multiplied by it, so the guard must recompute the dropped product to check it."""
+
+    id = "test_rebuilds_product_readers"
+    exact = True
+    scale = 1.0
+
+    def run(self, gm, ctx):
+        from attn2conv.graph import aten
+
+        readers = {u for n in gm.graph.nodes if n.meta.get("dropped_product") for u in n.users}
+        for reader in readers:
+            users = list(reader.users)
+            with gm.graph.inserting_after(reader):
+                fresh = gm.graph.call_function(reader.target, reader.args, reader.kwargs)
+            with gm.graph.inserting_after(fresh):
+                out = gm.graph.call_function(aten.mul.Tensor, (fresh, self.scale)) if self.scale != 1.0 else fresh
+            for user in users:
+                user.replace_input_with(reader, out)
+            gm.graph.erase_node(reader)
+        return PassResult(changed=bool(readers), rewrites=len(readers))
+
+
+class ScalesProductReaders(RebuildsProductReaders):
+    id = "test_scales_product_readers"
+    scale = 1.01
+
+
+def test_final_guard_lets_broadcast_products_go_and_recomputes_them_when_read(monkeypatch):
+    """attention_to_conv's Q*K and E'*V products are far larger than what they are computed from and reduced to: the
+    record drops them once their readers ran (converted DeiT-S: 1.4 GB) and recomputes one when a later pass
+    rewrites its reader."""
+    from attn2conv import guard as guard_module
+    from attn2conv.pipeline import run_pass
+
+    monkeypatch.setattr(guard_module, "PRODUCT_MIN_BYTES", 1024)  # the tiny ViT's products are ~200 KB
+    model, x, gm, ctx, guard = _tiny_vit_guarded()
+    for pass_id in ("linear_to_conv", "attention_to_conv"):
+        gm, record = run_pass(Pipeline([pass_id]).passes[0], gm, ctx, guard)
+        assert record.status == "applied", (pass_id, record.notes)
+    kept = guard.recorded.values
+    dropped = [n for n in gm.graph.nodes if kept.get(n.name) is guard_module._DROPPED]
+    assert dropped and all(is_op(n, "aten.mul") for n in dropped)
+    for n in dropped:
+        n.meta["dropped_product"] = True
+        assert all(n.meta["val"].numel() >= guard_module.PRODUCT_RATIO * a.meta["val"].numel()
+                   for a in (*n.all_input_nodes, *n.users))
+    gm, record = run_pass(ScalesProductReaders(), gm, ctx, guard)
+    assert record.status == "rolled back" and record.rel_error > 1e-3, record.notes
+    gm, record = run_pass(RebuildsProductReaders(), gm, ctx, guard)
+    assert record.status == "applied" and record.rewrites == len(dropped) and record.rel_error < 1e-6
+    assert rel_error(gm(x), model(x)) < 1e-5 and guard.finish(gm) < 1e-5
