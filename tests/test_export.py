@@ -183,6 +183,29 @@ def test_external_data_over_the_threshold(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.cert.json", "big.onnx.data"]
 
 
+def test_streamed_write_is_the_message_onnx_save_writes(tmp_path):
+    """_write_model puts detached weights back while writing: the file parses to the same message, and the written
+    graph sees its initializers in order (large ones detached, small ones kept in place, one from the numpy side)."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("w_big", (64, 32, 3, 3)), ("b_small", (64,)), ("w_mid", (300, 20))]]
+    inits.append(h.make_tensor("ints", T.INT64, [3], [1, 2, 3]))  # int64_data, no raw_data
+    nodes = [h.make_node("Conv", ["x", "w_big", "b_small"], ["y"], name="conv")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 32, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 64, 6, 6])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], producer_name="test")
+    model.metadata_props.add(key="k", value="v")
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    weights = ex._detach_weights(model)
+    assert sorted(weights) == ["w_big", "w_mid"]  # over 4 KiB
+    ex._write_model(model, weights, tmp_path / "m.onnx")
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert written == expected
+    assert not model.graph.initializer[0].HasField("raw_data") and len(model.graph.initializer) == 4  # as it was
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
 def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()
     x = torch.randn(1, 3, 8, 8)
