@@ -348,3 +348,24 @@ def test_final_guard_lets_broadcast_products_go_and_recomputes_them_when_read(mo
     gm, record = run_pass(RebuildsProductReaders(), gm, ctx, guard)
     assert record.status == "applied" and record.rewrites == len(dropped) and record.rel_error < 1e-6
     assert rel_error(gm(x), model(x)) < 1e-5 and guard.finish(gm) < 1e-5
+
+
+def test_convert_freezes_older_objects_only_while_it_runs_and_keeps_a_callers_freeze():
+    import gc
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    seen = []
+    assert gc.get_freeze_count() == 0
+    attn2conv.convert(model, "trt-safe", example_inputs=x, progress=lambda stage: seen.append(gc.get_freeze_count()))
+    assert seen and min(seen) > 0  # the objects that existed before the call were frozen during it...
+    assert gc.get_freeze_count() == 0  # ...and are not after it
+    gc.freeze()  # a caller that froze its objects itself (a pre-fork server) keeps them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        attn2conv.convert(model, "trt-safe", example_inputs=x, progress=lambda stage: seen.append(gc.get_freeze_count()))
+        # frozen objects that die leave the count, so it only shrinks a little; an unfreeze would make it 0
+        assert seen and min(seen) > frozen // 2 and gc.get_freeze_count() > frozen // 2
+    finally:
+        gc.unfreeze()
