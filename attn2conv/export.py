@@ -447,11 +447,13 @@ def _same_dtypes(graph_module) -> bool:
     import torch
     import torch.fx as fx
 
+    from attn2conv.graph import leaves
+
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
         dtypes, float_scalar = set(), False
-        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs, node.meta.get("val"))):
+        for a in leaves((node.args, node.kwargs, node.meta.get("val"))):
             v = a.meta.get("val") if isinstance(a, fx.Node) else a
             if isinstance(v, torch.Tensor):
                 dtypes.add(v.dtype)
