@@ -276,3 +276,32 @@ def test_converted_graph_is_translated_without_a_second_trace(converted_vit, tmp
     paths = {p for n in b.graph.node if scopes(n) for p in ast.literal_eval(scopes(n))}
     assert {"blocks.0.attn", "blocks.1.attn", "blocks.0.mlp.fc1", "blocks.1.norm2", "head"} <= paths
     assert rel(ort_run(tmp_path / "direct.onnx", x), ref) <= 1e-4
+
+
+class _Sizes(torch.nn.Module):
+    def forward(self, x):
+        a, b, c = torch.split(x, [2, 2, 2], dim=1)  # equal parts
+        d, e = torch.split(x, [1, 5], dim=1)  # unequal parts
+        y = a * b + c[:, :, 1:3].mean() + x[:, :, ::2].sum() + e[:, 1:].reshape(1, 4, 32).sum() + d.sum()
+        return y.reshape(1, 2, 4, 2, 4) + x[:, -2:, :, ::2].reshape(1, 2, 4, 1, 4)
+
+
+def test_static_sizes_are_translated_as_single_ops_and_the_rest_by_torchlib(tmp_path, monkeypatch):
+    """Int-sized reshape, slice and equal-part split are written as one op each (torchlib's symbolic-size forms
+    are not called for them); an unequal split still goes to torchlib. Same numbers as torch, opset 17 Split."""
+    from onnxscript.function_libs.torch_lib.ops import core
+
+    calls = []
+    real_split = core.aten_split_with_sizes
+    for name in ("aten_reshape", "aten_slice"):
+        monkeypatch.setattr(core, name, lambda *a, _n=name, **k: pytest.fail(f"torchlib {_n} used for int sizes"))
+    monkeypatch.setattr(core, "aten_split_with_sizes", lambda *a, **k: calls.append(a[1]) or real_split(*a, **k))
+    x = torch.randn(1, 6, 4, 8)
+    gm = attn2conv.capture(_Sizes().eval(), (x,))
+    info = export_onnx(gm, (x,), tmp_path / "sizes.onnx", "trt-safe")
+    assert calls == [[1, 5]]
+    assert info.parity <= 1e-6
+    m = onnx.load(info.path)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Split") == 2 and "SplitToSequence" not in ops and "SequenceAt" not in ops
+    assert opset_of(m) == 17
