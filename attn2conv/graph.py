@@ -11,6 +11,7 @@ import operator
 import re
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -406,24 +407,24 @@ def express_index_map(src_shape, idx: torch.Tensor, max_lead: int | None = None)
     m = idx.reshape(-1).long()
     if m.numel() == 0 or m.numel() != math.prod(tgt_shape):
         return None
-    offset = int(m[0])
-    # 1. digits of the target: (size, source stride, target axis), collected inner first
+    flat = m.numpy()
+    offset = int(flat[0])
+    # 1. digits of the target: (size, source stride, target axis), collected inner first. A digit is the longest
+    # arithmetic run f[0], f[blk], f[2 blk], ... whose length divides what is left of the axis.
     digits, tstride = [], 1
     for ax in range(len(tgt_shape) - 1, -1, -1):
         n = tgt_shape[ax]
         if n > 1:
-            f = m[torch.arange(n) * tstride] - offset
+            f = flat[np.arange(n) * tstride] - offset
             blk = 1
             while blk < n:
-                step, rest, best = int(f[blk]), n // blk, 1
+                step, rest = int(f[blk]), n // blk
                 if step <= 0:
                     return None
-                for r in range(2, rest + 1):
-                    if rest % r:
-                        continue
-                    if not torch.equal(f[torch.arange(r) * blk], torch.arange(r) * step):
-                        break
-                    best = r
+                ks = np.arange(rest)
+                arithmetic = f[ks * blk] == ks * step
+                run = rest if arithmetic.all() else int(np.argmin(arithmetic))
+                best = max((r for r in range(2, run + 1) if rest % r == 0), default=1)
                 if best == 1:
                     return None
                 digits.append((best, step, ax))
